@@ -1,0 +1,24 @@
+// The one place where the scaleinv operator schemas live. Backends register
+// implementations elsewhere: C++ CPU kernels with TORCH_LIBRARY_IMPL in their own
+// files, the Triton CUDA kernels from Python (scaleinv_kernels/ops/*.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(scaleinv, m) {
+  // Fused SGD + coupled weight decay + momentum over a list of tensors, with the
+  // per-segment sums sum(w^2), sum(g^2), sum(w*g), sum(D^2), sum(w*D), #nonfinite(g)
+  // (D = w_new - w_old) accumulated into rows of `stats` in the same pass.
+  // See scaleinv_kernels/ops/sgd_wd.py for the full contract.
+  m.def(
+      "sgd_wd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "bool[] fresh_buffers, Tensor(c!) stats, int[] stats_rows, int[] segments, "
+      "Tensor? lr_tensor, float lr, float weight_decay, float momentum, float dampening, "
+      "bool nesterov, bool maximize) -> ()");
+}
+
+// An importable (empty) Python module, so that `import scaleinv_kernels._C` loads this
+// library and runs the registrations above; no Python bindings are needed beyond that.
+#include <Python.h>
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,330 @@
+// Fused SGD + coupled weight decay on CPU, with per-segment statistics gathered in
+// the same pass over memory.
+//
+// Bitwise contract (fp32/fp64): the update equals torch.optim.SGD(foreach=False).
+// Torch's vectorised CPU `add(a, b, alpha)` is `fma(b, alpha, a)` whenever ATen runs
+// with an AVX2/AVX512 kernel set and `a + alpha * b` (two roundings) with the DEFAULT
+// set, so we ask ATen which set it uses and pick the same arithmetic. This file is
+// compiled with -ffp-contract=off so that the compiler never fuses on its own.
+//
+// Parallel layout: the tensors are cut into chunks of at most kChunk elements that
+// never straddle a segment; one at::parallel_for covers every chunk of every tensor
+// (many small tensors cost no launch each). Each chunk writes its partial sums to its
+// own slot and the slots are added into `stats` afterwards in chunk order, so the
+// statistics are deterministic whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/List.h>
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <vector>
+
+namespace scaleinv {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per work item
+constexpr int kLanes = 16;           // independent accumulators (SIMD lanes)
+constexpr int64_t kFlush = 1024;     // fp32 lane sums are flushed to fp64 this often
+constexpr int kStatCols = 6;
+
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename M>
+struct Hyper {
+  M neg_lr, weight_decay, momentum, one_minus_dampening;
+  bool has_wd, nesterov, maximize;
+};
+
+// a*b + c, fused or not, exactly as ATen's add(c, a, alpha=b) computes it.
+template <bool FUSED, typename M>
+inline M madd(M a, M b, M c) {
+  if constexpr (FUSED) {
+    return std::fma(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+template <typename M>
+inline M nonfinite(M g) {
+  // !(|g| <= max) is true for +-inf and NaN and vectorises, unlike std::isfinite.
+  return std::abs(g) <= std::numeric_limits<M>::max() ? M(0) : M(1);
+}
+
+// One contiguous range of one tensor. `out` receives the 6 sums of the range.
+template <typename T, bool FUSED, bool MOM, bool STATS>
+inline void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b,
+                         int64_t n, const Hyper<math_t<T>>& h, bool fresh, double* out) {
+  using M = math_t<T>;
+  auto element = [&](int64_t i, M* acc) __attribute__((always_inline)) {
+    const M w = static_cast<M>(p[i]);
+    const M gs = static_cast<M>(g[i]);
+    M d = h.maximize ? -gs : gs;
+    if (h.has_wd) d = madd<FUSED>(w, h.weight_decay, d);
+    if constexpr (MOM) {
+      const M bv = fresh ? d : madd<FUSED>(d, h.one_minus_dampening,
+                                           static_cast<M>(b[i]) * h.momentum);
+      b[i] = static_cast<T>(bv);
+      d = h.nesterov ? madd<FUSED>(bv, h.momentum, d) : bv;
+    }
+    const T stored = static_cast<T>(madd<FUSED>(d, h.neg_lr, w));
+    p[i] = stored;
+    if constexpr (STATS) {
+      const M delta = static_cast<M>(stored) - w;
+      acc[0] += w * w;
+      acc[1] += gs * gs;
+      acc[2] += w * gs;
+      acc[3] += delta * delta;
+      acc[4] += w * delta;
+      acc[5] += nonfinite(gs);
+    }
+  };
+  double total[kStatCols] = {0, 0, 0, 0, 0, 0};
+  for (int64_t base = 0; base < n; base += kFlush) {
+    const int64_t stop = std::min(n, base + kFlush);
+    M lanes[kStatCols][kLanes] = {};
+    int64_t i = base;
+    for (; i + kLanes <= stop; i += kLanes) {
+      M acc[kStatCols][kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        M a[kStatCols] = {0, 0, 0, 0, 0, 0};
+        element(i + l, a);
+        for (int c = 0; c < kStatCols; ++c) acc[c][l] = a[c];
+      }
+      if constexpr (STATS) {
+        for (int c = 0; c < kStatCols; ++c)
+          for (int l = 0; l < kLanes; ++l) lanes[c][l] += acc[c][l];
+      }
+    }
+    for (; i < stop; ++i) {
+      M a[kStatCols] = {0, 0, 0, 0, 0, 0};
+      element(i, a);
+      if constexpr (STATS) {
+        for (int c = 0; c < kStatCols; ++c) lanes[c][0] += a[c];
+      }
+    }
+    if constexpr (STATS) {
+      for (int c = 0; c < kStatCols; ++c)
+        for (int l = 0; l < kLanes; ++l) total[c] += static_cast<double>(lanes[c][l]);
+    }
+  }
+  if constexpr (STATS) {
+    for (int c = 0; c < kStatCols; ++c) out[c] = total[c];
+  }
+}
+
+struct Chunk {
+  int64_t tensor;  // index into the tensor lists
+  int64_t begin;   // element range [begin, end) of that tensor
+  int64_t end;
+  int64_t row;     // stats row this chunk adds into
+};
+
+struct Work {
+  std::vector<at::Tensor> params, grads, bufs;  // contiguous (possibly temporaries)
+  std::vector<bool> fresh;
+  std::vector<Chunk> chunks;
+};
+
+template <typename T, bool FUSED, bool MOM, bool STATS>
+void run_chunks(const Work& w, const Hyper<math_t<T>>& h, std::vector<double>& partial) {
+  at::parallel_for(0, static_cast<int64_t>(w.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = w.chunks[c];
+      T* p = w.params[ch.tensor].data_ptr<T>() + ch.begin;
+      const T* g = w.grads[ch.tensor].const_data_ptr<T>() + ch.begin;
+      T* b = MOM ? w.bufs[ch.tensor].data_ptr<T>() + ch.begin : nullptr;
+      update_range<T, FUSED, MOM, STATS>(p, g, b, ch.end - ch.begin, h, w.fresh[ch.tensor],
+                                         partial.data() + c * kStatCols);
+    }
+  });
+}
+
+// Three instruction-set builds of the same loops; which one runs follows ATen's choice
+// of kernels (see the top of the file), so results stay bitwise equal to torch's.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SCALEINV_HAVE_X86_CLONES 1
+template <typename T, bool FUSED, bool MOM, bool STATS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void run_avx512(
+    const Work& w, const Hyper<math_t<T>>& h, std::vector<double>& partial) {
+  run_chunks<T, FUSED, MOM, STATS>(w, h, partial);
+}
+template <typename T, bool FUSED, bool MOM, bool STATS>
+__attribute__((target("avx2,fma,f16c"))) void run_avx2(const Work& w, const Hyper<math_t<T>>& h,
+                                                        std::vector<double>& partial) {
+  run_chunks<T, FUSED, MOM, STATS>(w, h, partial);
+}
+#endif
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa aten_isa() {
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return Isa::kAvx512;
+    if (cap == "AVX2") return Isa::kAvx2;
+    return Isa::kDefault;
+  }();
+  return isa;
+}
+
+template <typename T, bool MOM, bool STATS>
+void run_isa(const Work& w, const Hyper<math_t<T>>& h, std::vector<double>& partial) {
+#ifdef SCALEINV_HAVE_X86_CLONES
+  switch (aten_isa()) {
+    case Isa::kAvx512:
+      return run_avx512<T, true, MOM, STATS>(w, h, partial);
+    case Isa::kAvx2:
+      return run_avx2<T, true, MOM, STATS>(w, h, partial);
+    case Isa::kDefault:
+      return run_chunks<T, false, MOM, STATS>(w, h, partial);
+  }
+#else
+  // Outside x86 ATen's vector kernels use fused multiply-add (NEON/SVE fmadd).
+  run_chunks<T, true, MOM, STATS>(w, h, partial);
+#endif
+}
+
+template <typename T>
+void run_typed(const Work& w, double lr, double wd, double momentum, double dampening,
+               bool nesterov, bool maximize, bool stats, std::vector<double>& partial) {
+  using M = math_t<T>;
+  // Scalars are rounded to the math type exactly as ATen rounds its `alpha` Scalars.
+  Hyper<M> h{static_cast<M>(-lr),         static_cast<M>(wd), static_cast<M>(momentum),
+             static_cast<M>(1.0 - dampening), wd != 0.0,          nesterov,
+             maximize};
+  const bool mom = momentum != 0.0;
+  if (mom && stats) return run_isa<T, true, true>(w, h, partial);
+  if (mom) return run_isa<T, true, false>(w, h, partial);
+  if (stats) return run_isa<T, false, true>(w, h, partial);
+  return run_isa<T, false, false>(w, h, partial);
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                const c10::List<bool>& fresh_buffers, const at::Tensor& stats,
+                c10::IntArrayRef stats_rows, c10::IntArrayRef segments,
+                const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay,
+                double momentum, double dampening, bool nesterov, bool maximize) {
+  // ---- validate everything before anything is written ---------------------------
+  const size_t n = params.size();
+  const char* op = "scaleinv::sgd_wd_: ";
+  TORCH_CHECK_VALUE(grads.size() == n, op, "got ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK_VALUE(stats_rows.size() == n && segments.size() == n, op,
+                    "stats_rows and segments need one entry per param (", n, ")");
+  TORCH_CHECK_VALUE(weight_decay >= 0 && momentum >= 0 && dampening >= 0, op,
+                    "weight_decay, momentum and dampening must be >= 0");
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0), op,
+                    "nesterov needs momentum > 0 and dampening == 0");
+  const bool mom = momentum != 0.0;
+  TORCH_CHECK_VALUE(!mom || (momentum_buffers.size() == n && fresh_buffers.size() == n), op,
+                    "momentum != 0 needs one momentum buffer and one fresh flag per param");
+  const bool track = stats.defined() && stats.numel() > 0;
+  if (track) {
+    TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == kStatCols &&
+                          stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
+                          stats.device().is_cpu(),
+                      op, "stats must be a contiguous float64 CPU tensor of shape [rows, 6], got ",
+                      stats.scalar_type(), " ", shape_str(stats));
+  }
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK_VALUE(lr_tensor->numel() == 1 && lr_tensor->device().is_cpu(), op,
+                      "lr_tensor must be a one-element CPU tensor");
+    lr = lr_tensor->item<double>();
+  }
+  TORCH_CHECK_VALUE(lr >= 0, op, "lr must be >= 0, got ", lr);
+  at::ScalarType dtype = n ? params[0].scalar_type() : at::kFloat;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_TYPE(p.scalar_type() == dtype, op, "param ", i, " is ", p.scalar_type(),
+                     " but param 0 is ", dtype, "; call once per dtype");
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                         dtype == at::kHalf,
+                     op, "param ", i, " has dtype ", dtype,
+                     "; only float32/float64/bfloat16/float16 params are supported");
+    TORCH_CHECK_VALUE(p.layout() == at::kStrided && p.device().is_cpu(), op, "param ", i,
+                      " must be a dense CPU tensor");
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, "param ", i,
+                      " has a sparse gradient; sparse gradients are not supported");
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && g.scalar_type() == dtype && g.device() == p.device(),
+                      op, "param ", i, " has shape ", shape_str(p), " ", dtype, " on ", p.device(),
+                      " but its grad has shape ", shape_str(g), " ", g.scalar_type(), " on ",
+                      g.device(), "; a grad must match its param");
+    TORCH_CHECK_VALUE(segments[i] >= 1 && p.numel() % segments[i] == 0, op, "param ", i,
+                      " with ", p.numel(), " elements cannot be cut into ", segments[i],
+                      " equal segments");
+    if (mom) {
+      const at::Tensor& b = momentum_buffers[i];
+      TORCH_CHECK_VALUE(b.sizes() == p.sizes() && b.scalar_type() == dtype &&
+                            b.device() == p.device() && b.layout() == at::kStrided,
+                        op, "momentum buffer ", i, " must match its param (", shape_str(p), " ",
+                        dtype, ")");
+    }
+    if (track) {
+      TORCH_CHECK_VALUE(stats_rows[i] >= 0 && stats_rows[i] + segments[i] <= stats.size(0), op,
+                        "stats rows of param ", i, " fall outside stats (", stats.size(0),
+                        " rows)");
+    }
+  }
+
+  // ---- lay out the work ----------------------------------------------------------
+  Work w;
+  w.params.reserve(n);
+  w.grads.reserve(n);
+  w.fresh.assign(n, false);
+  std::vector<size_t> copied_back;  // non-contiguous params/buffers run on a contiguous copy
+  for (size_t i = 0; i < n; ++i) {
+    w.params.push_back(params[i].contiguous());
+    w.grads.push_back(grads[i].contiguous());
+    if (mom) {
+      w.bufs.push_back(momentum_buffers[i].contiguous());
+      w.fresh[i] = fresh_buffers.get(i);
+    }
+    const int64_t numel = params[i].numel();
+    const int64_t seg_len = numel / segments[i];
+    for (int64_t s = 0; s < segments[i] && numel > 0; ++s) {
+      for (int64_t b = 0; b < seg_len; b += kChunk) {
+        w.chunks.push_back({static_cast<int64_t>(i), s * seg_len + b,
+                            s * seg_len + std::min(seg_len, b + kChunk), stats_rows[i] + s});
+      }
+    }
+  }
+
+  std::vector<double> partial(track ? w.chunks.size() * kStatCols : 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "scaleinv::sgd_wd_", [&] {
+    run_typed<scalar_t>(w, lr, weight_decay, momentum, dampening, nesterov, maximize, track,
+                        partial);
+  });
+
+  for (size_t i = 0; i < n; ++i) {
+    if (!w.params[i].is_same(params[i])) params[i].copy_(w.params[i]);
+    if (mom && !w.bufs[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(w.bufs[i]);
+  }
+  if (track) {
+    double* out = stats.data_ptr<double>();
+    for (size_t c = 0; c < w.chunks.size(); ++c) {
+      for (int k = 0; k < kStatCols; ++k) out[w.chunks[c].row * kStatCols + k] += partial[c * kStatCols + k];
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(scaleinv, CPU, m) { m.impl("sgd_wd_", &sgd_wd_cpu); }
+
+}  // namespace scaleinv

@@ -1,0 +1,6 @@
+"""One op per file: schema (csrc/registration.cpp), plain-torch reference, Triton
+kernel and dispatch."""
+
+from scaleinv_kernels.ops.sgd_wd import sgd_wd_, sgd_wd_reference
+
+__all__ = ["sgd_wd_", "sgd_wd_reference"]

@@ -1,0 +1,427 @@
+"""``scaleinv::sgd_wd_`` — fused SGD + coupled weight decay with per-segment statistics.
+
+Contract (same for every backend)::
+
+    sgd_wd_(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows, segments,
+            lr_tensor, lr, weight_decay, momentum, dampening, nesterov, maximize) -> None
+
+* ``params`` (mutated): float32/float64/bfloat16/float16 tensors of ONE dtype on ONE
+  device; any strides (non-contiguous ones are updated through a contiguous copy).
+* ``grads``: same shapes/dtype/device as their params, dense.
+* ``momentum_buffers`` (mutated): one per param when ``momentum != 0``, else ``[]``.
+  ``fresh_buffers[i]`` says that buffer ``i`` holds garbage and is initialised with the
+  first direction, like ``torch.optim.SGD``'s ``buf = d.clone()``.
+* Per element, in fp32 (fp64 for fp64 params), exactly torch.optim.SGD's arithmetic:
+  ``d = ±g + wd·w``; ``buf = d`` (fresh) or ``mom·buf + (1−damp)·d``; ``d = d + mom·buf``
+  (nesterov) or ``buf``; ``w ← w − lr·d``; each stored value is rounded once.
+* ``stats`` (mutated, float64 ``[rows, 6]``, or empty to skip all statistics work):
+  param ``i`` is cut into ``segments[i]`` equal contiguous segments; segment ``s`` ADDS
+  ``Σw², Σg², Σw·g, ΣΔ², Σw·Δ, #nonfinite(g)`` into row ``stats_rows[i] + s`` (w before
+  the update, g as stored in ``.grad``, Δ = stored new w − w). The caller zeroes rows.
+  Sums are fp32 within ≤1024-element lane blocks and fp64 above, so they carry ~1e-7
+  relative error, and the angular update derived from them stays accurate for tiny
+  angles.
+* ``lr_tensor`` (optional one-element tensor on the params' device) overrides ``lr``.
+
+Backends: C++ (``csrc/sgd_wd.cpp``) on CPU, Triton (below) on CUDA, and
+:func:`sgd_wd_reference` in plain torch, which is also the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from scaleinv_kernels._extension import extension_loaded, triton_available
+
+log = logging.getLogger("scaleinv_kernels")
+
+STAT_COLUMNS = ("w_sq", "g_sq", "w_dot_g", "delta_sq", "w_dot_delta", "nonfinite")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# ----------------------------------------------------------------------------------
+# validation shared by the Python backends (the C++ kernel checks the same things)
+# ----------------------------------------------------------------------------------
+
+
+def validate_args(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    fresh_buffers: Sequence[bool],
+    stats: Tensor,
+    stats_rows: Sequence[int],
+    segments: Sequence[int],
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> None:
+    """Raise ValueError/TypeError naming the offending index; mutate nothing."""
+    n = len(params)
+    op = "scaleinv::sgd_wd_: "
+    if len(grads) != n or len(stats_rows) != n or len(segments) != n:
+        raise ValueError(f"{op}params, grads, stats_rows and segments need equal lengths")
+    if min(weight_decay, momentum, dampening) < 0 or lr < 0:
+        raise ValueError(f"{op}lr, weight_decay, momentum and dampening must be >= 0")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{op}nesterov needs momentum > 0 and dampening == 0")
+    if momentum != 0 and (len(momentum_buffers) != n or len(fresh_buffers) != n):
+        raise ValueError(f"{op}momentum != 0 needs one momentum buffer and fresh flag per param")
+    track = stats.numel() > 0
+    if track and (stats.dim() != 2 or stats.shape[1] != 6 or stats.dtype != torch.float64):
+        raise ValueError(f"{op}stats must be float64 of shape [rows, 6], got {stats.dtype} "
+                         f"{tuple(stats.shape)}")
+    if n == 0:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.dtype != dtype:
+            raise TypeError(f"{op}param {i} is {p.dtype} but param 0 is {dtype}; "
+                            "call once per dtype")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}param {i} has dtype {p.dtype}; only float32/float64/"
+                            "bfloat16/float16 params are supported")
+        if p.device != device:
+            raise ValueError(f"{op}param {i} is on {p.device} but param 0 on {device}")
+        if g.layout != torch.strided:
+            raise ValueError(f"{op}param {i} has a sparse gradient; sparse gradients are "
+                             "not supported")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(
+                f"{op}param {i} has shape {list(p.shape)} {p.dtype} on {p.device} but its "
+                f"grad has shape {list(g.shape)} {g.dtype} on {g.device}; a grad must "
+                "match its param")
+        if segments[i] < 1 or p.numel() % segments[i]:
+            raise ValueError(f"{op}param {i} with {p.numel()} elements cannot be cut into "
+                             f"{segments[i]} equal segments")
+        if momentum != 0:
+            b = momentum_buffers[i]
+            if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                raise ValueError(f"{op}momentum buffer {i} must match its param "
+                                 f"({list(p.shape)} {p.dtype})")
+        if track and not (0 <= stats_rows[i] and stats_rows[i] + segments[i] <= stats.shape[0]):
+            raise ValueError(f"{op}stats rows of param {i} fall outside stats "
+                             f"({stats.shape[0]} rows)")
+
+
+# ----------------------------------------------------------------------------------
+# reference: plain torch, the same ops torch.optim.SGD issues (hence bitwise equal)
+# ----------------------------------------------------------------------------------
+
+
+def sgd_wd_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    fresh_buffers: Sequence[bool],
+    stats: Tensor,
+    stats_rows: Sequence[int],
+    segments: Sequence[int],
+    lr_tensor: Tensor | None,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Plain-torch implementation of the contract in the module docstring.
+
+    Statistics are computed in float64 from the fp32 values, i.e. they are the exact
+    sums the kernels approximate.
+    """
+    if lr_tensor is not None:
+        lr = float(lr_tensor)
+    validate_args(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows,
+                  segments, lr, weight_decay, momentum, dampening, nesterov)
+    track = stats.numel() > 0
+    for i, (p, g) in enumerate(zip(params, grads)):
+        math = torch.float64 if p.dtype == torch.float64 else torch.float32
+        w = p.detach().to(math, copy=True)
+        gm = g.to(math)
+        d = -gm if maximize else gm
+        if weight_decay != 0:
+            d = d.add(w, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if fresh_buffers[i]:
+                bv = d.clone()
+            else:
+                bv = buf.to(math, copy=True).mul_(momentum).add_(d, alpha=1 - dampening)
+            buf.copy_(bv)
+            d = d.add(bv, alpha=momentum) if nesterov else bv
+        p.detach().copy_(w.add(d, alpha=-lr))
+        if track and p.numel() > 0:
+            k = segments[i]
+            w64 = w.double().reshape(k, -1)
+            g64 = g.double().reshape(k, -1)
+            delta = p.detach().double().reshape(k, -1) - w64
+            sums = torch.stack([
+                (w64 * w64).sum(1), (g64 * g64).sum(1), (w64 * g64).sum(1),
+                (delta * delta).sum(1), (w64 * delta).sum(1),
+                (~torch.isfinite(g64)).sum(1).double(),
+            ], dim=1)
+            stats[stats_rows[i]:stats_rows[i] + k] += sums.to(stats.device)
+
+
+# ----------------------------------------------------------------------------------
+# Triton kernel (CUDA; also runs on CPU tensors under TRITON_INTERPRET=1)
+# ----------------------------------------------------------------------------------
+#
+# Layout: ONE launch per (device, dtype) group. The tensors stay where the user put
+# them; the kernel reads their addresses from int64 pointer tables (rebuilt each call,
+# since `zero_grad(set_to_none=True)` reallocates grads) and walks a work table of
+# (tensor, begin, end, stats row) items of at most CHUNK elements, cached per layout.
+# Each program loops over its item in BLOCK-wide steps, keeps fp32 lane sums and adds
+# one fp64 partial per statistic with atomic_add (so the last bits of the statistics may
+# vary between runs; the parameter update itself is deterministic).
+
+CHUNK = 16384
+BLOCK = 1024
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sgd_wd_kernel(
+        param_ptrs,  # *i64 [T]  address of param t
+        grad_ptrs,  # *i64 [T]  address of grad t
+        buf_ptrs,  # *i64 [T]  address of momentum buffer t (unused without momentum)
+        fresh_ptr,  # *i8  [T]  1 = buffer t is uninitialised: buf = d
+        work_ptr,  # *i64 [W, 4] (tensor index, begin, end, stats row) per program
+        stats_ptr,  # *f64 [R, 6] per-segment sums, accumulated with atomic_add
+        lr_ptr,  # *fp  [1]  learning rate when LR_FROM_TENSOR
+        neg_lr,  # fp32  -lr when not LR_FROM_TENSOR
+        weight_decay,  # fp32
+        momentum,  # fp32
+        one_minus_dampening,  # fp32
+        DTYPE: tl.constexpr,  # element type of params/grads/buffers
+        HAS_WD: tl.constexpr,  # weight_decay != 0 (torch skips the add when it is 0)
+        HAS_MOMENTUM: tl.constexpr,
+        NESTEROV: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        TRACK_STATS: tl.constexpr,
+        LR_FROM_TENSOR: tl.constexpr,
+        BLOCK: tl.constexpr,  # elements per inner step
+    ):
+        item = tl.program_id(0).to(tl.int64) * 4
+        t = tl.load(work_ptr + item)
+        begin = tl.load(work_ptr + item + 1)
+        end = tl.load(work_ptr + item + 2)
+        row = tl.load(work_ptr + item + 3)
+        p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(DTYPE))
+        if LR_FROM_TENSOR:
+            lr_scale = -tl.load(lr_ptr).to(tl.float32)
+        else:
+            lr_scale = neg_lr
+        acc_ww = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_gg = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_wg = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_wd = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_nf = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(begin, end, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < end
+            w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if MAXIMIZE:
+                d = -g
+            else:
+                d = g
+            if HAS_WD:
+                d = tl.fma(w, weight_decay, d)
+            if HAS_MOMENTUM:
+                b_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(DTYPE))
+                fresh = tl.load(fresh_ptr + t)
+                b_old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                b = tl.where(fresh != 0, d, tl.fma(d, one_minus_dampening, b_old * momentum))
+                tl.store(b_ptr + offs, b.to(DTYPE), mask=mask)
+                if NESTEROV:
+                    d = tl.fma(b, momentum, d)
+                else:
+                    d = b
+            w_new = tl.fma(d, lr_scale, w).to(DTYPE)
+            tl.store(p_ptr + offs, w_new, mask=mask)
+            if TRACK_STATS:
+                delta = w_new.to(tl.float32) - w
+                acc_ww += w * w
+                acc_gg += g * g
+                acc_wg += w * g
+                acc_dd += delta * delta
+                acc_wd += w * delta
+                acc_nf += tl.where(tl.abs(g) < float("inf"), 0.0, 1.0)
+        if TRACK_STATS:
+            s = stats_ptr + row * 6
+            tl.atomic_add(s + 0, tl.sum(acc_ww, axis=0).to(tl.float64))
+            tl.atomic_add(s + 1, tl.sum(acc_gg, axis=0).to(tl.float64))
+            tl.atomic_add(s + 2, tl.sum(acc_wg, axis=0).to(tl.float64))
+            tl.atomic_add(s + 3, tl.sum(acc_dd, axis=0).to(tl.float64))
+            tl.atomic_add(s + 4, tl.sum(acc_wd, axis=0).to(tl.float64))
+            tl.atomic_add(s + 5, tl.sum(acc_nf, axis=0).to(tl.float64))
+
+    TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                     torch.float16: tl.float16}
+
+
+@functools.lru_cache(maxsize=64)
+def _work_table(numels: tuple[int, ...], segments: tuple[int, ...], rows: tuple[int, ...],
+                device: torch.device) -> Tensor:
+    """(tensor, begin, end, stats row) items of at most CHUNK elements, never across a
+    segment; cached because it depends only on the shapes, not on the data."""
+    items: list[int] = []
+    for t, (numel, k, row) in enumerate(zip(numels, segments, rows)):
+        seg_len = numel // k if numel else 0
+        for s in range(k if numel else 0):
+            for b in range(0, seg_len, CHUNK):
+                items += (t, s * seg_len + b, s * seg_len + min(seg_len, b + CHUNK), row + s)
+    return torch.tensor(items, dtype=torch.int64).reshape(-1, 4).to(device)
+
+
+def _pointer_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def sgd_wd_triton(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    fresh_buffers: Sequence[bool],
+    stats: Tensor,
+    stats_rows: Sequence[int],
+    segments: Sequence[int],
+    lr_tensor: Tensor | None,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Triton implementation of the contract in the module docstring (one launch).
+
+    float64 params have no Triton kernel and run :func:`sgd_wd_reference`.
+    """
+    validate_args(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows,
+                  segments, 0.0 if lr_tensor is not None else lr, weight_decay, momentum,
+                  dampening, nesterov)
+    if not params:
+        return
+    if params[0].dtype == torch.float64:
+        _log_once("float64 params have no Triton kernel; they use the torch reference")
+        return sgd_wd_reference(params, grads, momentum_buffers, fresh_buffers, stats,
+                                stats_rows, segments, lr_tensor, lr, weight_decay, momentum,
+                                dampening, nesterov, maximize)
+    device = params[0].device
+    has_mom = momentum != 0
+    # Non-contiguous tensors are updated through contiguous copies written back after.
+    work_p = [p if p.is_contiguous() else p.contiguous() for p in params]
+    work_g = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    work_b = [b if b.is_contiguous() else b.contiguous() for b in momentum_buffers]
+    track = stats.numel() > 0
+    work = _work_table(tuple(p.numel() for p in params), tuple(segments), tuple(stats_rows),
+                       device)
+    if work.shape[0] == 0:
+        return
+    p_table = _pointer_table(work_p, device)
+    g_table = _pointer_table(work_g, device)
+    b_table = _pointer_table(work_b, device) if has_mom else p_table
+    fresh = (torch.tensor([bool(f) for f in fresh_buffers], dtype=torch.int8).to(device)
+             if has_mom else torch.zeros(1, dtype=torch.int8, device=device))
+    stats_arg = stats if track else torch.zeros(1, dtype=torch.float64, device=device)
+    lr_arg = lr_tensor if lr_tensor is not None else stats_arg
+    _sgd_wd_kernel[(work.shape[0],)](
+        p_table, g_table, b_table, fresh, work, stats_arg, lr_arg,
+        -float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
+        DTYPE=TRITON_DTYPES[params[0].dtype], HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_mom,
+        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), TRACK_STATS=track,
+        LR_FROM_TENSOR=lr_tensor is not None, BLOCK=BLOCK, num_warps=4,
+    )
+    for src, dst in zip(work_p + work_b, list(params) + list(momentum_buffers)):
+        if src is not dst:
+            dst.copy_(src)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning("scaleinv_kernels: %s", message)
+
+
+# ----------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------
+
+BACKENDS = ("cpp", "triton", "reference")
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend for tensors on ``device``; decided once per parameter group.
+
+    ``SCALEINV_BACKEND=reference`` forces the plain-torch path (debugging, A/B runs).
+    """
+    forced = os.environ.get("SCALEINV_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"SCALEINV_BACKEND={forced!r}; choose one of {BACKENDS}")
+        return forced
+    if device.type == "cpu":
+        return "cpp" if extension_loaded() else "reference"
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    _log_once(f"no fused kernel for {device.type} tensors; using the torch reference")
+    return "reference"
+
+
+_IMPLS = {"reference": sgd_wd_reference, "triton": sgd_wd_triton}
+
+
+def sgd_wd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    fresh_buffers: Sequence[bool],
+    stats: Tensor,
+    stats_rows: Sequence[int],
+    segments: Sequence[int],
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    *,
+    backend: str,
+) -> None:
+    """Run the op with ``backend`` ("cpp", "triton" or "reference"); see module doc."""
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    lr_value = 0.0 if lr_tensor is not None else float(lr)
+    args = (list(params), list(grads), list(momentum_buffers), [bool(f) for f in fresh_buffers],
+            stats, list(stats_rows), list(segments), lr_tensor, lr_value, float(weight_decay),
+            float(momentum), float(dampening), bool(nesterov), bool(maximize))
+    if backend == "cpp":
+        torch.ops.scaleinv.sgd_wd_(*args)
+    else:
+        _IMPLS[backend](*args)
+
+
+def _register_cuda_kernel() -> None:
+    """Make ``torch.ops.scaleinv.sgd_wd_`` run the Triton kernel on CUDA tensors."""
+    torch.library.register_fake("scaleinv::sgd_wd_")(lambda *args: None)
+    if triton_available():
+        torch.library.register_kernel("scaleinv::sgd_wd_", "cuda")(sgd_wd_triton)
+
+
+if extension_loaded():
+    _register_cuda_kernel()

@@ -1,0 +1,166 @@
+"""Per-layer statistics derived from the fused kernel's per-segment sums.
+
+The kernel leaves, per segment (one parameter tensor), the float64 sums
+``Σw², Σg², Σw·g, ΣΔ², Σw·Δ, #nonfinite(g)`` (w before the step, g as stored in
+``.grad``, Δ = w_{t+1} − w_t). Everything here is computed from them on the device, with
+no host synchronisation:
+
+================== ===========================================================
+weight_norm        ‖w_t‖ = √Σw²
+grad_norm          ‖g_t‖ = √Σg²
+grad_weight_cosine ⟨w_t, g_t⟩ / (‖w_t‖‖g_t‖)   (≈ 0 for scale-invariant weights)
+update_norm        ‖Δ‖ = √ΣΔ²
+new_weight_norm    ‖w_{t+1}‖ = √(Σw² + 2Σw·Δ + ΣΔ²)
+angular_update     ∠(w_t, w_{t+1}) = atan2(√(Σw²ΣΔ² − (Σw·Δ)²), Σw² + Σw·Δ)  [rad]
+effective_lr       η / ‖w_t‖²
+nonfinite          number of non-finite entries of g_t
+================== ===========================================================
+
+The atan2 form (|w ∧ w_{t+1}| = |w ∧ Δ|) keeps the angle accurate when it is tiny,
+where acos of a cosine near 1 would lose all digits. Rows of parameters that had no
+gradient in the last step are NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+STAT_FIELDS = ("weight_norm", "grad_norm", "grad_weight_cosine", "update_norm",
+               "new_weight_norm", "angular_update", "effective_lr", "nonfinite")
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Statistics of the last optimizer step; each field is a 1-D float32 tensor with
+    one entry per segment (parameter tensor) in parameter order, on the params' device."""
+
+    names: list[str]
+    weight_norm: Tensor
+    grad_norm: Tensor
+    grad_weight_cosine: Tensor
+    update_norm: Tensor
+    new_weight_norm: Tensor
+    angular_update: Tensor
+    effective_lr: Tensor
+    nonfinite: Tensor
+
+    @classmethod
+    def from_sums(cls, names: list[str], sums: Tensor, lr: Tensor, updated: Tensor) -> LayerStats:
+        """``sums``: float64 [S, 6] kernel sums; ``lr``: [S] learning rate of each segment
+        in the step; ``updated``: [S] bool, False where the param had no gradient."""
+        ww, gg, wg, dd, wdel, nonfinite = sums.unbind(1)
+        nan = torch.full_like(ww, float("nan"))
+        values = {
+            "weight_norm": ww.sqrt(),
+            "grad_norm": gg.sqrt(),
+            "grad_weight_cosine": wg / (ww * gg).sqrt(),
+            "update_norm": dd.sqrt(),
+            "new_weight_norm": (ww + 2 * wdel + dd).clamp_min(0).sqrt(),
+            "angular_update": torch.atan2((ww * dd - wdel * wdel).clamp_min(0).sqrt(), ww + wdel),
+            "effective_lr": lr.to(ww) / ww,
+            "nonfinite": nonfinite,
+        }
+        return cls(names=list(names), **{k: torch.where(updated, v, nan).float()
+                                         for k, v in values.items()})
+
+    def stacked(self) -> Tensor:
+        """All fields as one float32 [len(STAT_FIELDS), S] tensor (STAT_FIELDS order)."""
+        return torch.stack([getattr(self, f) for f in STAT_FIELDS])
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "names"}
+
+
+class StatsRecorder:
+    """Keeps the history of ``optimizer.layer_stats()`` on the device.
+
+    Every ``every``-th optimizer step (counted from the recorder's creation) appends one
+    stacked record via a step post-hook, without host synchronisation. ``to_numpy`` /
+    ``to_dataframe`` / ``plot`` copy the history to the host when asked.
+    """
+
+    def __init__(self, optimizer, every: int = 1) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"StatsRecorder: every must be a positive int, got {every!r}")
+        if not getattr(optimizer, "track_stats", False):
+            raise ValueError("StatsRecorder needs an optimizer created with track_stats=True")
+        self.optimizer = optimizer
+        self.every = every
+        self.steps: list[int] = []
+        self._records: list[Tensor] = []
+        self.names: list[str] = []
+        self._count = 0
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._count += 1
+        if self._count % self.every:
+            return
+        stats = optimizer.layer_stats()
+        if stats.names != self.names and self._records:
+            raise RuntimeError("StatsRecorder: the parameter set changed; start a new recorder")
+        self.names = stats.names
+        self.steps.append(self._count)
+        self._records.append(stats.stacked())
+
+    def remove(self) -> None:
+        """Stop recording (the history is kept)."""
+        self._handle.remove()
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """``{"step": [T], field: [T, S] for each field}`` as float arrays."""
+        hist = (torch.stack(self._records).cpu().numpy() if self._records
+                else np.zeros((0, len(STAT_FIELDS), len(self.names)), np.float32))
+        out = {"step": np.asarray(self.steps, dtype=np.int64)}
+        out.update({f: hist[:, k, :] for k, f in enumerate(STAT_FIELDS)})
+        return out
+
+    def to_dataframe(self):
+        """Long-format pandas DataFrame: one row per (step, layer), one column per field."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("StatsRecorder.to_dataframe needs pandas: pip install pandas") from err
+        arrays = self.to_numpy()
+        t, s = len(self.steps), len(self.names)
+        data = {"step": np.repeat(arrays["step"], s), "layer": np.tile(np.asarray(self.names), t)}
+        data.update({f: arrays[f].reshape(-1) for f in STAT_FIELDS})
+        return pd.DataFrame(data)
+
+    def plot(self, path, fields: tuple[str, ...] = ("effective_lr", "angular_update"),
+             *, reference: dict[str, float] | None = None, logy: bool = True) -> None:
+        """Save a PNG with one panel per field and one line per layer.
+
+        ``reference`` maps a field to a value drawn as a dashed horizontal line (e.g. the
+        predicted equilibrium angular update).
+        """
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError("StatsRecorder.plot needs matplotlib: pip install matplotlib") from err
+        unknown = [f for f in fields if f not in STAT_FIELDS]
+        if unknown:
+            raise ValueError(f"StatsRecorder.plot: unknown fields {unknown}; choose from {STAT_FIELDS}")
+        arrays = self.to_numpy()
+        fig, axes = plt.subplots(len(fields), 1, figsize=(8, 3.2 * len(fields)), sharex=True,
+                                 squeeze=False)
+        for ax, field in zip(axes[:, 0], fields):
+            for k, name in enumerate(self.names):
+                ax.plot(arrays["step"], arrays[field][:, k], lw=1, label=name)
+            if reference and field in reference:
+                ax.axhline(reference[field], color="k", ls="--", lw=1.5, label="prediction")
+            if logy:
+                ax.set_yscale("log")
+            ax.set_ylabel(field.replace("_", " "))
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("optimizer step")
+        axes[0, 0].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
