@@ -191,6 +191,19 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _round_to(x, DTYPE: tl.constexpr):
+        """Round fp32 ``x`` to DTYPE to nearest-even. For bf16 the rounding is spelled out
+        in integer ops (as c10::BFloat16 does): the Triton interpreter truncates on
+        ``.to(tl.bfloat16)``, and this way the GPU and the interpreter agree bit for bit."""
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + (0x7FFF + ((bits >> 16) & 1))
+            bits = tl.where(x != x, 0x7FC00000, bits)  # NaN stays a quiet NaN
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DTYPE)
+
+    @triton.jit
     def _sgd_wd_kernel(
         param_ptrs,  # *i64 [T]  address of param t
         grad_ptrs,  # *i64 [T]  address of grad t
@@ -245,12 +258,12 @@ if triton_available():
                 fresh = tl.load(fresh_ptr + t)
                 b_old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 b = tl.where(fresh != 0, d, tl.fma(d, one_minus_dampening, b_old * momentum))
-                tl.store(b_ptr + offs, b.to(DTYPE), mask=mask)
+                tl.store(b_ptr + offs, _round_to(b, DTYPE), mask=mask)
                 if NESTEROV:
                     d = tl.fma(b, momentum, d)
                 else:
                     d = b
-            w_new = tl.fma(d, lr_scale, w).to(DTYPE)
+            w_new = _round_to(tl.fma(d, lr_scale, w), DTYPE)
             tl.store(p_ptr + offs, w_new, mask=mask)
             if TRACK_STATS:
                 delta = w_new.to(tl.float32) - w
@@ -348,6 +361,7 @@ def sgd_wd_triton(
         DTYPE=TRITON_DTYPES[params[0].dtype], HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_mom,
         NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), TRACK_STATS=track,
         LR_FROM_TENSOR=lr_tensor is not None, BLOCK=BLOCK, num_warps=4,
+        enable_fp_fusion=False,  # every fma is explicit (tl.fma), as torch's kernels fuse
     )
     for src, dst in zip(work_p + work_b, list(params) + list(momentum_buffers)):
         if src is not dst:

@@ -1,0 +1,29 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bitwise equality (NaN == NaN); on failure say where the first mismatch is."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().reshape(-1), expected.detach().reshape(-1)
+    same = (a == e) | (a.isnan() & e.isnan())
+    if not bool(same.all()):
+        idx = int((~same).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int((~same).sum())}/{a.numel()} elements differ; first at flat index "
+            f"{idx}: {a[idx].item()!r} != {e[idx].item()!r}")
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "",
+               atol: float = 0.0) -> None:
+    """|actual - expected| <= atol + rtol * |expected| elementwise, reporting the worst."""
+    a, e = actual.double().reshape(-1), expected.double().reshape(-1)
+    err = (a - e).abs() - (atol + rtol * e.abs())
+    if a.numel() and float(err.max()) > 0:
+        i = int(err.argmax())
+        raise AssertionError(f"{what}: worst at {i}: {a[i].item()!r} vs {e[i].item()!r} "
+                             f"(rtol={rtol}, atol={atol})")
