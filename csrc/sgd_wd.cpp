@@ -31,8 +31,7 @@ namespace scaleinv {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item
-constexpr int kLanes = 16;           // independent accumulators (SIMD lanes)
-constexpr int64_t kFlush = 1024;     // fp32 lane sums are flushed to fp64 this often
+constexpr int kLanes = 8;            // independent fp64 accumulators (SIMD lanes)
 constexpr int kStatCols = 6;
 
 template <typename T>
@@ -65,7 +64,7 @@ template <typename T, bool FUSED, bool MOM, bool STATS>
 inline void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b,
                          int64_t n, const Hyper<math_t<T>>& h, bool fresh, double* out) {
   using M = math_t<T>;
-  auto element = [&](int64_t i, M* acc) __attribute__((always_inline)) {
+  auto element = [&](int64_t i, double* acc) __attribute__((always_inline)) {
     const M w = static_cast<M>(p[i]);
     const M gs = static_cast<M>(g[i]);
     M d = h.maximize ? -gs : gs;
@@ -79,46 +78,40 @@ inline void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restri
     const T stored = static_cast<T>(madd<FUSED>(d, h.neg_lr, w));
     p[i] = stored;
     if constexpr (STATS) {
-      const M delta = static_cast<M>(stored) - w;
-      acc[0] += w * w;
-      acc[1] += gs * gs;
-      acc[2] += w * gs;
-      acc[3] += delta * delta;
-      acc[4] += w * delta;
-      acc[5] += nonfinite(gs);
+      // fp64 difference and products of fp32 values: exact, so only the sums round
+      const double wd = w, gd = gs;
+      const double delta = static_cast<double>(static_cast<M>(stored)) - wd;
+      acc[0] = wd * wd;
+      acc[1] = gd * gd;
+      acc[2] = wd * gd;
+      acc[3] = delta * delta;
+      acc[4] = wd * delta;
+      acc[5] = nonfinite(gd);
     }
   };
-  double total[kStatCols] = {0, 0, 0, 0, 0, 0};
-  for (int64_t base = 0; base < n; base += kFlush) {
-    const int64_t stop = std::min(n, base + kFlush);
-    M lanes[kStatCols][kLanes] = {};
-    int64_t i = base;
-    for (; i + kLanes <= stop; i += kLanes) {
-      M acc[kStatCols][kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        M a[kStatCols] = {0, 0, 0, 0, 0, 0};
-        element(i + l, a);
-        for (int c = 0; c < kStatCols; ++c) acc[c][l] = a[c];
-      }
-      if constexpr (STATS) {
-        for (int c = 0; c < kStatCols; ++c)
-          for (int l = 0; l < kLanes; ++l) lanes[c][l] += acc[c][l];
-      }
-    }
-    for (; i < stop; ++i) {
-      M a[kStatCols] = {0, 0, 0, 0, 0, 0};
-      element(i, a);
-      if constexpr (STATS) {
-        for (int c = 0; c < kStatCols; ++c) lanes[c][0] += a[c];
-      }
-    }
-    if constexpr (STATS) {
-      for (int c = 0; c < kStatCols; ++c)
-        for (int l = 0; l < kLanes; ++l) total[c] += static_cast<double>(lanes[c][l]);
+  // Statistics: products and sums in fp64 (an fp32 product would bound the angular
+  // update's accuracy by sqrt(eps32)*|D|/|w|: the sin^2 term cancels). kLanes independent
+  // accumulators let the compiler keep them in SIMD registers.
+  double lanes[kStatCols][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      double a[kStatCols] = {0, 0, 0, 0, 0, 0};
+      element(i + l, a);
+      for (int c = 0; c < kStatCols; ++c) lanes[c][l] += a[c];
     }
   }
+  for (; i < n; ++i) {
+    double a[kStatCols] = {0, 0, 0, 0, 0, 0};
+    element(i, a);
+    for (int c = 0; c < kStatCols; ++c) lanes[c][0] += a[c];
+  }
   if constexpr (STATS) {
-    for (int c = 0; c < kStatCols; ++c) out[c] = total[c];
+    for (int c = 0; c < kStatCols; ++c) {
+      double total = 0;
+      for (int l = 0; l < kLanes; ++l) total += lanes[c][l];
+      out[c] = total;
+    }
   }
 }
 

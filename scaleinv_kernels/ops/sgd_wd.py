@@ -18,9 +18,8 @@ Contract (same for every backend)::
   param ``i`` is cut into ``segments[i]`` equal contiguous segments; segment ``s`` ADDS
   ``Σw², Σg², Σw·g, ΣΔ², Σw·Δ, #nonfinite(g)`` into row ``stats_rows[i] + s`` (w before
   the update, g as stored in ``.grad``, Δ = stored new w − w). The caller zeroes rows.
-  Sums are fp32 within ≤1024-element lane blocks and fp64 above, so they carry ~1e-7
-  relative error, and the angular update derived from them stays accurate for tiny
-  angles.
+  Products and sums are fp64 (the products of fp32 values are exact), so the angular
+  update derived from them stays accurate for tiny angles.
 * ``lr_tensor`` (optional one-element tensor on the params' device) overrides ``lr``.
 
 Backends: C++ (``csrc/sgd_wd.cpp``) on CPU, Triton (below) on CUDA, and
@@ -179,7 +178,7 @@ def sgd_wd_reference(
 # them; the kernel reads their addresses from int64 pointer tables (rebuilt each call,
 # since `zero_grad(set_to_none=True)` reallocates grads) and walks a work table of
 # (tensor, begin, end, stats row) items of at most CHUNK elements, cached per layout.
-# Each program loops over its item in BLOCK-wide steps, keeps fp32 lane sums and adds
+# Each program loops over its item in BLOCK-wide steps, keeps fp64 lane sums and adds
 # one fp64 partial per statistic with atomic_add (so the last bits of the statistics may
 # vary between runs; the parameter update itself is deterministic).
 
@@ -236,11 +235,13 @@ if triton_available():
             lr_scale = -tl.load(lr_ptr).to(tl.float32)
         else:
             lr_scale = neg_lr
-        acc_ww = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_gg = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_wg = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_wd = tl.zeros([BLOCK], dtype=tl.float32)
+        # fp64 statistics: with fp32 products the sin^2 term of the angular update,
+        # |w|^2|D|^2 - <w,D>^2, cancels down to rounding noise for small angles.
+        acc_ww = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_gg = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_wg = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_dd = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_wd = tl.zeros([BLOCK], dtype=tl.float64)
         acc_nf = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(begin, end, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -266,20 +267,22 @@ if triton_available():
             w_new = _round_to(tl.fma(d, lr_scale, w), DTYPE)
             tl.store(p_ptr + offs, w_new, mask=mask)
             if TRACK_STATS:
-                delta = w_new.to(tl.float32) - w
-                acc_ww += w * w
-                acc_gg += g * g
-                acc_wg += w * g
+                w64 = w.to(tl.float64)
+                g64 = g.to(tl.float64)
+                delta = w_new.to(tl.float32).to(tl.float64) - w64
+                acc_ww += w64 * w64
+                acc_gg += g64 * g64
+                acc_wg += w64 * g64
                 acc_dd += delta * delta
-                acc_wd += w * delta
+                acc_wd += w64 * delta
                 acc_nf += tl.where(tl.abs(g) < float("inf"), 0.0, 1.0)
         if TRACK_STATS:
             s = stats_ptr + row * 6
-            tl.atomic_add(s + 0, tl.sum(acc_ww, axis=0).to(tl.float64))
-            tl.atomic_add(s + 1, tl.sum(acc_gg, axis=0).to(tl.float64))
-            tl.atomic_add(s + 2, tl.sum(acc_wg, axis=0).to(tl.float64))
-            tl.atomic_add(s + 3, tl.sum(acc_dd, axis=0).to(tl.float64))
-            tl.atomic_add(s + 4, tl.sum(acc_wd, axis=0).to(tl.float64))
+            tl.atomic_add(s + 0, tl.sum(acc_ww, axis=0))
+            tl.atomic_add(s + 1, tl.sum(acc_gg, axis=0))
+            tl.atomic_add(s + 2, tl.sum(acc_wg, axis=0))
+            tl.atomic_add(s + 3, tl.sum(acc_dd, axis=0))
+            tl.atomic_add(s + 4, tl.sum(acc_wd, axis=0))
             tl.atomic_add(s + 5, tl.sum(acc_nf, axis=0).to(tl.float64))
 
     TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
@@ -360,7 +363,7 @@ def sgd_wd_triton(
         -float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
         DTYPE=TRITON_DTYPES[params[0].dtype], HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_mom,
         NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), TRACK_STATS=track,
-        LR_FROM_TENSOR=lr_tensor is not None, BLOCK=BLOCK, num_warps=4,
+        LR_FROM_TENSOR=lr_tensor is not None, BLOCK=BLOCK, num_warps=8,
         enable_fp_fusion=False,  # every fma is explicit (tl.fma), as torch's kernels fuse
     )
     for src, dst in zip(work_p + work_b, list(params) + list(momentum_buffers)):

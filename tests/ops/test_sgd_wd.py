@@ -61,8 +61,9 @@ def _run_both(backend, shapes, dtype, hp, *, fresh, segments=None, seed=0, lr_te
 
 
 def _stats_tolerance(dtype):
-    # The reference sums in float64 from the same values; the kernels sum fp32 products.
-    return 1e-5 if dtype != torch.float64 else 1e-10
+    # Every backend sums exact fp64 products (fp32 inputs) in fp64; only the order of
+    # the additions differs. float64 params have rounded products.
+    return 1e-12 if dtype != torch.float64 else 1e-10
 
 
 def assert_stats_close(stats, expected, rtol, what):
@@ -208,7 +209,7 @@ for dtype in (tl.float32, tl.bfloat16, tl.float16):
         k = triton.compile(ASTSource(fn=m._sgd_wd_kernel, signature={**sig, **{c: "constexpr" for c in consts}},
                                      constexprs=consts),
                            target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": 4, "enable_fp_fusion": False})
+                           options={"num_warps": 8, "enable_fp_fusion": False})
         # registers/spills: ask ptxas (CompiledKernel only knows them once loaded on a GPU)
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(k.asm["ptx"]); f.flush()
