@@ -421,11 +421,12 @@ def sgd_wd_(
     *,
     backend: str,
 ) -> None:
-    """Run the op with ``backend`` ("cpp", "triton" or "reference"); see module doc."""
+    """Run the op with ``backend`` ("cpp", "triton" or "reference"); see module doc.
+    The sequences must be lists (the C++ op takes no other sequence type)."""
     lr_tensor = lr if isinstance(lr, Tensor) else None
     lr_value = 0.0 if lr_tensor is not None else float(lr)
-    args = (list(params), list(grads), list(momentum_buffers), [bool(f) for f in fresh_buffers],
-            stats, list(stats_rows), list(segments), lr_tensor, lr_value, float(weight_decay),
+    args = (params, grads, momentum_buffers, fresh_buffers,
+            stats, stats_rows, segments, lr_tensor, lr_value, float(weight_decay),
             float(momentum), float(dampening), bool(nesterov), bool(maximize))
     if backend == "cpp":
         torch.ops.scaleinv.sgd_wd_(*args)

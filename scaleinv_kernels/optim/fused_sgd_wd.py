@@ -24,6 +24,9 @@ class _Launch:
     params: list[Tensor]
     names: list[str]
     rows: list[int]
+    states: list[dict]  # self.state[p] per param, looked up once (with momentum only)
+    segments: list[int]
+    no_fresh: list[bool]
 
 
 class FusedSGDWD(torch.optim.Optimizer):
@@ -142,10 +145,14 @@ class FusedSGDWD(torch.optim.Optimizer):
                 if has_grad[gi][pi]:
                     key = (gi, p.device, p.dtype)
                     if key not in launches:
-                        launches[key] = _Launch(gi, select_backend(p.device), [], [], [])
-                    launches[key].params.append(p)
-                    launches[key].names.append(name)
-                    launches[key].rows.append(row)
+                        launches[key] = _Launch(gi, select_backend(p.device), [], [], [], [],
+                                                [], [])
+                    la = launches[key]
+                    la.params.append(p)
+                    la.names.append(name)
+                    la.rows.append(row)
+                    la.segments.append(1)
+                    la.no_fresh.append(False)
                 row += 1
         plan = (list(launches.values()), names, row)
         self._plan_cache[has_grad] = plan
@@ -158,7 +165,7 @@ class FusedSGDWD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        has_grad = tuple(tuple(p.grad is not None for p in g["params"])
+        has_grad = tuple(tuple([p.grad is not None for p in g["params"]])
                          for g in self.param_groups)
         launches, names, n_rows = self._plan(has_grad)
         calls = []
@@ -167,10 +174,12 @@ class FusedSGDWD(torch.optim.Optimizer):
             grads = [p.grad for p in la.params]
             bufs, fresh = [], []
             if group["momentum"] != 0:
-                for p in la.params:
-                    buf = self.state[p].get("momentum_buffer")
-                    bufs.append(buf)
-                    fresh.append(buf is None)
+                if len(la.states) != len(la.params):  # like SGD: state only with momentum
+                    la.states = [self.state[p] for p in la.params]
+                bufs = [s.get("momentum_buffer") for s in la.states]
+                fresh = la.no_fresh
+                if any(b is None for b in bufs):
+                    fresh = [b is None for b in bufs]
             calls.append((la, group, grads, bufs, fresh))
         # The C++ op checks its own inputs before writing anything; with several launches
         # every launch is checked first so that a bad one cannot leave others applied.
@@ -188,16 +197,18 @@ class FusedSGDWD(torch.optim.Optimizer):
             self._stats = {d: self._zeroed_stats(d, n_rows) for d in used}
         for la, group, grads, bufs, fresh in calls:
             stats = self._stats[la.params[0].device] if self.track_stats else _EMPTY
-            for i, b in enumerate(bufs):
-                if b is None:
-                    bufs[i] = torch.empty_like(la.params[i], memory_format=torch.contiguous_format)
+            new_bufs = fresh is not la.no_fresh
+            if new_bufs:
+                bufs = [torch.empty_like(p, memory_format=torch.contiguous_format)
+                        if b is None else b for p, b in zip(la.params, bufs)]
             self._checked(la, sgd_wd_, la.params, grads, bufs, fresh, stats, la.rows,
-                          [1] * len(grads), group["lr"], group["weight_decay"],
+                          la.segments, group["lr"], group["weight_decay"],
                           group["momentum"], group["dampening"], group["nesterov"],
                           group["maximize"], backend=la.backend)
-            for p, b, f in zip(la.params, bufs, fresh):
-                if f:
-                    self.state[p]["momentum_buffer"] = b
+            if new_bufs:
+                for state, b, f in zip(la.states, bufs, fresh):
+                    if f:
+                        state["momentum_buffer"] = b
             lr = group["lr"]
             lrs.append((la.rows, lr.detach().clone() if isinstance(lr, Tensor) else float(lr)))
         self._last = (names, n_rows, lrs, launches) if self.track_stats else None

@@ -124,7 +124,8 @@ class StatsRecorder:
         try:
             import pandas as pd
         except ImportError as err:
-            raise ImportError("StatsRecorder.to_dataframe needs pandas: pip install pandas") from err
+            raise ImportError("StatsRecorder.to_dataframe needs pandas: "
+                              "pip install pandas") from err
         arrays = self.to_numpy()
         t, s = len(self.steps), len(self.names)
         data = {"step": np.repeat(arrays["step"], s), "layer": np.tile(np.asarray(self.names), t)}
@@ -143,10 +144,12 @@ class StatsRecorder:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as err:
-            raise ImportError("StatsRecorder.plot needs matplotlib: pip install matplotlib") from err
+            raise ImportError("StatsRecorder.plot needs matplotlib: "
+                              "pip install matplotlib") from err
         unknown = [f for f in fields if f not in STAT_FIELDS]
         if unknown:
-            raise ValueError(f"StatsRecorder.plot: unknown fields {unknown}; choose from {STAT_FIELDS}")
+            raise ValueError(f"StatsRecorder.plot: unknown fields {unknown}; "
+                             f"choose from {STAT_FIELDS}")
         arrays = self.to_numpy()
         fig, axes = plt.subplots(len(fields), 1, figsize=(8, 3.2 * len(fields)), sharex=True,
                                  squeeze=False)

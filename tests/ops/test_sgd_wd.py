@@ -206,15 +206,17 @@ for dtype in (tl.float32, tl.bfloat16, tl.float16):
     for mom, stats, lrt in ((True, True, False), (False, False, True)):
         consts = dict(DTYPE=dtype, HAS_WD=True, HAS_MOMENTUM=mom, NESTEROV=mom, MAXIMIZE=False,
                       TRACK_STATS=stats, LR_FROM_TENSOR=lrt, BLOCK=m.BLOCK)
-        k = triton.compile(ASTSource(fn=m._sgd_wd_kernel, signature={**sig, **{c: "constexpr" for c in consts}},
-                                     constexprs=consts),
+        signature = {**sig, **{c: "constexpr" for c in consts}}
+        src = ASTSource(fn=m._sgd_wd_kernel, signature=signature, constexprs=consts)
+        k = triton.compile(src,
                            target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": 8, "enable_fp_fusion": False})
         # registers/spills: ask ptxas (CompiledKernel only knows them once loaded on a GPU)
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(k.asm["ptx"]); f.flush()
-            info = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
-                                   f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
+            gpu = f"sm_{arch}{'a' if arch == 90 else ''}"
+            info = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name,
+                                   "-o", "/dev/null"], capture_output=True, text=True).stderr
         regs = int(re.search(r"Used (\d+) registers", info).group(1))
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
         out.append(dict(dtype=str(dtype), momentum=mom, stats=stats, registers=regs,

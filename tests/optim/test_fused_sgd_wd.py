@@ -54,7 +54,6 @@ def test_fp32_bitwise_equal_to_torch_sgd_many_steps():
     torch_p = _clone(ours_p)
     ours = FusedSGDWD(_groups(ours_p), **HP)
     ref = torch.optim.SGD(_groups(torch_p), foreach=False, **HP)
-    assert ours.backend == ("cpp" if os.environ.get("SCALEINV_REQUIRE_EXT") == "1" else ours.backend)
     gen = torch.Generator().manual_seed(1)
     for step in range(12):
         _set_grads([ours_p, torch_p], step, gen)
