@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check scaleinv_kernels tests benchmarks
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
 	SCALEINV_REQUIRE_EXT=1 $(PY) -m pytest -q tests
