@@ -18,7 +18,8 @@ if os.environ.get("SCALEINV_BUILD_EXT", "1") != "0":
     ext_modules.append(
         CppExtension(
             name="scaleinv_kernels._C",
-            sources=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
+            sources=sorted(os.path.join("csrc", f) for f in os.listdir("csrc")
+                           if f.endswith(".cpp")),
             extra_compile_args=[
                 "-O3",
                 "-std=c++17",
