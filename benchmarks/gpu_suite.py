@@ -1,0 +1,249 @@
+"""One-shot GPU check of FusedSGDWD for a lent CUDA machine (sized for an H200, < 6 min).
+
+    python benchmarks/gpu_suite.py [--json OUT.json] [--skip-tests] [--budget 330]
+
+1. CUDA correctness: ``python -m pytest -q tests -m "not slow" -k "cuda or triton"`` in a
+   subprocess (time-limited); its summary line is reported.
+2. A quick equality check of every variant against torch SGD(foreach=True) on CUDA.
+3. Timings with ``triton.testing.do_bench`` (median and 20/80 % quantiles, L2 flushed
+   before each call) of torch SGD foreach / fused, fused + ``_foreach_norm`` of params and
+   grads, and FusedSGDWD with and without statistics, on the two parameter sets of
+   ``sgd_wd_cases.py`` (CIFAR ResNet-18; 2 000 tensors of 1..4096 elements), in
+   round-robin rounds, next to a device-to-device copy bandwidth (>= 1 GiB, read + write
+   counted) measured in the same run.
+
+The compact table comes last. Without CUDA the script exits at once with status 2.
+Nothing here touches CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+GPU_VARIANTS = ("sgd_foreach", "sgd_fused", "sgd_fused_norms", "fsgd_nostats", "fsgd_stats")
+QUANTILES = [0.5, 0.2, 0.8]
+TEST_CMD = ["-m", "pytest", "-q", "tests", "-m", "not slow", "-k", "cuda or triton",
+            "-p", "no:cacheprovider"]
+
+
+def _setup_path() -> None:
+    """Make the source tree and the benchmark helpers importable when run as a script."""
+    for p in (str(BENCH_DIR), str(ROOT)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def cuda_problem() -> str | None:
+    """None when a CUDA device and Triton are usable, else why not."""
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - torch is a hard dependency
+        return f"torch is not importable ({err})"
+    if not torch.cuda.is_available():
+        return (f"no CUDA device visible to torch {torch.__version__} "
+                f"(torch.version.cuda={torch.version.cuda}); this suite needs a GPU")
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not importable ({err}); `pip install triton`"
+    return None
+
+
+def run_tests(timeout: float) -> dict:
+    """Run the CUDA/Triton subset of the test suite; return rc, summary and seconds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, *TEST_CMD], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:
+        tail = (err.stdout or "")[-2000:] if isinstance(err.stdout, str) else ""
+        return {"rc": None, "summary": f"timed out after {timeout:.0f} s", "tail": tail,
+                "seconds": time.perf_counter() - t0}
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    keys = ("passed", "failed", "error", "skipped", "no tests ran", "deselected")
+    summary = next((ln for ln in reversed(lines) if any(k in ln for k in keys)),
+                   lines[-1] if lines else "(no output)")
+    return {"rc": proc.returncode, "summary": summary, "tail": "\n".join(lines[-40:]),
+            "seconds": time.perf_counter() - t0}
+
+
+def check_variants(device: str = "cuda") -> dict:
+    """Max |Δ| of every variant's params vs torch SGD(foreach=True) after 3 steps on a
+    few odd shapes, and FusedSGDWD's backend on CUDA (expected: "triton")."""
+    import torch
+    from sgd_wd_cases import VARIANTS, make_variants, tiny_case
+
+    variants = make_variants(tiny_case(), VARIANTS, device=device, prime=False)
+    for _ in range(3):
+        for v in variants.values():
+            v()
+    ref = variants["sgd_foreach"].params
+    with torch.no_grad():
+        diffs = {key: max(float((a - b).abs().max())
+                          for a, b in zip(ref, v.params, strict=True))
+                 for key, v in variants.items()}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"max_abs_diff": diffs, "backend": variants["fsgd_stats"].optimizer.backend}
+
+
+def copy_bandwidth(gib: float) -> dict:
+    """Device-to-device ``dst.copy_(src)`` over ``gib`` GiB; bytes = read + write."""
+    import torch
+    from triton.testing import do_bench
+
+    n = int(gib * 2**30) // 4
+    src = torch.ones(n, device="cuda")
+    dst = torch.empty_like(src)
+    q = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=QUANTILES)
+    moved = 2 * src.nbytes
+    return {"bytes": moved, "ms": q, "gbps": moved / (q[0] * 1e-3) / 1e9}
+
+
+def bench_case(key: str, rounds: int, deadline: float) -> dict:
+    """do_bench quantiles of every GPU variant, ``rounds`` round-robin rounds; per
+    variant the median over rounds of each quantile."""
+    import torch
+    from sgd_wd_cases import CASES, make_variants
+    from triton.testing import do_bench
+
+    case = CASES[key]()
+    variants = make_variants(case, GPU_VARIANTS, device="cuda")
+    per: dict[str, list[list[float]]] = {k: [] for k in variants}
+    keys = list(variants)
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        if r and time.monotonic() > deadline:
+            break
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            if k in errors:
+                continue
+            try:
+                per[k].append(do_bench(variants[k], warmup=25, rep=100, quantiles=QUANTILES))
+            except Exception as err:  # keep timing the other variants; report this one
+                errors[k] = f"{type(err).__name__}: {str(err)[:300]}"
+                print(f"      {key}/{k} failed: {errors[k]}", flush=True)
+    torch.cuda.synchronize()
+    nan = float("nan")
+    result = {k: ([statistics.median(q[i] for q in qs) for i in range(3)] if qs
+                  else [nan, nan, nan]) for k, qs in per.items()}
+    del variants
+    torch.cuda.empty_cache()
+    return {"case": case.title, "numel": case.numel, "n_tensors": case.n_tensors,
+            "bytes_per_step": case.bytes_per_step,
+            "rounds": max(len(qs) for qs in per.values()), "ms": result, "errors": errors}
+
+
+def format_table(cases: list[dict], copy_gbps: float) -> str:
+    from sgd_wd_cases import REF_FUSED, REF_NORMS, VARIANTS
+
+    lines = []
+    for c in cases:
+        floor_ms = c["bytes_per_step"] / (copy_gbps * 1e9) * 1e3
+        lines += [f"{c['case']}: {c['numel'] / 1e6:.2f} M params, {c['n_tensors']} tensors, "
+                  f"copy floor {floor_ms * 1e3:.1f} us, {c['rounds']} rounds",
+                  f"  {'variant':52s} {'median us':>10s} {'p20-p80 us':>15s} {'x norms':>8s} "
+                  f"{'x fused':>8s} {'GB/s':>7s} {'/floor':>7s}"]
+        ms = c["ms"]
+        for k, (med, p20, p80) in ms.items():
+            x_norms = ms[REF_NORMS][0] / med if REF_NORMS in ms else float("nan")
+            x_fused = ms[REF_FUSED][0] / med if REF_FUSED in ms else float("nan")
+            gbps = c["bytes_per_step"] / (med * 1e-3) / 1e9
+            lines.append(f"  {VARIANTS[k]:52s} {med * 1e3:10.1f} "
+                         f"{f'{p20 * 1e3:.1f}-{p80 * 1e3:.1f}':>15s} {x_norms:8.2f} "
+                         f"{x_fused:8.2f} {gbps:7.0f} {med / floor_ms:7.2f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--skip-tests", action="store_true", help="skip the pytest subset")
+    parser.add_argument("--test-timeout", type=float, default=200.0, help="seconds")
+    parser.add_argument("--budget", type=float, default=330.0,
+                        help="seconds for the whole script; later rounds are dropped past it")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds per case")
+    parser.add_argument("--copy-gib", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    problem = cuda_problem()
+    if problem is not None:
+        print(f"gpu_suite: {problem}. Nothing was run.", file=sys.stderr)
+        return 2
+    if args.copy_gib < 1.0:
+        parser.error("--copy-gib must be >= 1 (the copy ceiling must not fit in L2)")
+    _setup_path()
+    import torch
+    import triton
+
+    out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "cuda": torch.version.cuda, "triton": triton.__version__,
+                 "python": sys.version.split()[0],
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    print(f"gpu_suite: {out['device']}, torch {out['torch']} (CUDA {out['cuda']}), "
+          f"triton {out['triton']}", flush=True)
+    if not args.skip_tests:
+        timeout = min(args.test_timeout, max(30.0, args.budget - 120.0))
+        print(f"[1/3] {sys.executable} {' '.join(TEST_CMD)}  (timeout {timeout:.0f} s)",
+              flush=True)
+        out["tests"] = run_tests(timeout)
+        print(out["tests"]["tail"], flush=True)
+    print("[2/3] variants vs torch SGD(foreach=True) on CUDA, 3 steps", flush=True)
+    try:
+        out["check"] = check_variants()
+    except Exception as err:  # still time what can be timed
+        out["check"] = {"max_abs_diff": {}, "backend": f"check failed: {err!r}"[:400]}
+    print(f"      {out['check']}", flush=True)
+    print("[3/3] timings (triton.testing.do_bench)", flush=True)
+    deadline = start + args.budget - 45.0
+    out["copy"] = copy_bandwidth(args.copy_gib)
+    torch.cuda.empty_cache()  # the copy buffers are gone with copy_bandwidth's frame
+    out["cases"] = []
+    for key in ("resnet18", "tensors2000"):
+        if out["cases"] and time.monotonic() > deadline:
+            print(f"      budget spent: {key} skipped", flush=True)
+            break
+        out["cases"].append(bench_case(key, args.rounds, deadline))
+    out["seconds"] = time.monotonic() - start
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+
+    c = out["copy"]
+    tests = out.get("tests", {"summary": "skipped", "rc": None})
+    print()
+    print(f"== FusedSGDWD on {out['device']} ({out['date']}, torch {out['torch']}, "
+          f"triton {out['triton']}, {out['seconds']:.0f} s) ==")
+    print(f"tests: {tests['summary']} (rc {tests['rc']})")
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in out["check"]["max_abs_diff"].items())
+    print(f"FusedSGDWD backend {out['check']['backend']}; max |diff| vs SGD foreach: {diffs}")
+    print(f"d2d copy {args.copy_gib:g} GiB: {c['gbps']:.0f} GB/s (median "
+          f"{c['ms'][0]:.3f} ms, p20-p80 {c['ms'][1]:.3f}-{c['ms'][2]:.3f} ms, "
+          "read+write counted)")
+    print("fp32, lr 0.01, momentum 0.9, wd 5e-4; x = speed-up vs torch fused+norms / fused;"
+          " GB/s at 20 B/param; /floor = time / (20 B/param at copy bandwidth)")
+    print(format_table(out["cases"], c["gbps"]))
+    for case in out["cases"]:
+        for k, msg in case["errors"].items():
+            print(f"error: {case['case']} / {k}: {msg}")
+    # rc 5: pytest collected no test (no CUDA tests yet), not a failure of this suite
+    failed = (tests["rc"] not in (0, None, 5) or tests["summary"].startswith("timed out")
+              or any(case["errors"] for case in out["cases"])
+              or out["check"]["backend"].startswith("check failed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
