@@ -181,9 +181,8 @@ def test_reference_equals_torch_sgd_single_tensor():
             assert_bitwise(o, t.detach(), f"reference vs SGD {hp}")
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="opcheck of the CPU kernel")
 def test_opcheck_cpu():
-    params, grads, bufs = _inputs([(7,), (33,)], torch.float32, 6)
+    params, grads, bufs = _inputs([(7,), (33,)], torch.float32, 6, device="cpu")
     stats = torch.zeros(2, 6, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.scaleinv.sgd_wd_.default,
