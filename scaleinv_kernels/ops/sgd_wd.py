@@ -303,11 +303,16 @@ def _work_table(numels: tuple[int, ...], segments: tuple[int, ...], rows: tuple[
     return torch.tensor(items, dtype=torch.int64).reshape(-1, 4).to(device)
 
 
-def _pointer_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+def _host_table(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small per-step table, copied to the GPU asynchronously from pinned memory."""
+    table = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table
+
+
+def _pointer_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    return _host_table([t.data_ptr() for t in tensors], torch.int64, device)
 
 
 def sgd_wd_triton(
@@ -354,8 +359,8 @@ def sgd_wd_triton(
     p_table = _pointer_table(work_p, device)
     g_table = _pointer_table(work_g, device)
     b_table = _pointer_table(work_b, device) if has_mom else p_table
-    fresh = (torch.tensor([bool(f) for f in fresh_buffers], dtype=torch.int8).to(device)
-             if has_mom else torch.zeros(1, dtype=torch.int8, device=device))
+    fresh = _host_table([int(bool(f)) for f in fresh_buffers] if has_mom else [0], torch.int8,
+                        device)
     stats_arg = stats if track else torch.zeros(1, dtype=torch.float64, device=device)
     lr_arg = lr_tensor if lr_tensor is not None else stats_arg
     _sgd_wd_kernel[(work.shape[0],)](

@@ -181,9 +181,10 @@ class FusedSGDWD(torch.optim.Optimizer):
                 if any(b is None for b in bufs):
                     fresh = [b is None for b in bufs]
             calls.append((la, group, grads, bufs, fresh))
-        # The C++ op checks its own inputs before writing anything; with several launches
-        # every launch is checked first so that a bad one cannot leave others applied.
-        if len(calls) > 1 or any(la.backend != "cpp" for la in launches):
+        # Every backend checks its own inputs before writing anything; with several
+        # launches every launch is checked first so that a bad one cannot leave others
+        # applied.
+        if len(calls) > 1:
             for la, group, grads, bufs, fresh in calls:
                 self._checked(la, validate_args, la.params, grads,
                               [b if b is not None else p for b, p in zip(bufs, la.params)],
