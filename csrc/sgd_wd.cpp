@@ -20,7 +20,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -29,6 +28,9 @@
 
 namespace scaleinv {
 namespace {
+
+// always_inline: the loops must be compiled inside the ISA-specific callers below.
+#define SCALEINV_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item
 constexpr int kStatCols = 6;
@@ -44,7 +46,7 @@ struct Hyper {
 
 // a*b + c, fused or not, exactly as ATen's add(c, a, alpha=b) computes it.
 template <bool FUSED, typename M>
-inline __attribute__((always_inline)) M madd(M a, M b, M c) {
+SCALEINV_INLINE M madd(M a, M b, M c) {
   if constexpr (FUSED) {
     return std::fma(a, b, c);
   } else {
@@ -53,8 +55,8 @@ inline __attribute__((always_inline)) M madd(M a, M b, M c) {
 }
 
 template <typename M>
-inline __attribute__((always_inline)) M nonfinite(M g) {
-  // !(|g| <= max) is true for +-inf and NaN and vectorises, unlike std::isfinite.
+SCALEINV_INLINE M nonfinite(M g) {
+  // !(|g| <= max): 1 for +-inf and NaN.
   return std::abs(g) <= std::numeric_limits<M>::max() ? M(0) : M(1);
 }
 
@@ -65,9 +67,6 @@ inline __attribute__((always_inline)) M nonfinite(M g) {
 // it is still in L1. Two simple loops vectorise reliably where one loop mixing the
 // update's selects with six fp64 reductions did not; main-memory traffic is unchanged.
 constexpr int64_t kBlock = 512;
-
-// always_inline: these must be compiled inside the ISA-specific callers below.
-#define SCALEINV_INLINE inline __attribute__((always_inline))
 
 template <typename T, bool FUSED, bool MOM, bool STATS>
 SCALEINV_INLINE void update_range(T* __restrict__ p, const T* __restrict__ g,
@@ -146,8 +145,8 @@ struct Work {
 };
 
 template <typename T, bool FUSED, bool MOM, bool STATS>
-SCALEINV_INLINE void chunks_body(const Work& w, const Hyper<math_t<T>>& h, double* partial, int64_t lo,
-                        int64_t hi) {
+SCALEINV_INLINE void chunks_body(const Work& w, const Hyper<math_t<T>>& h, double* partial,
+                                 int64_t lo, int64_t hi) {
   for (int64_t c = lo; c < hi; ++c) {
     const Chunk& ch = w.chunks[c];
     T* p = w.params[ch.tensor].data_ptr<T>() + ch.begin;
