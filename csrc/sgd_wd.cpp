@@ -280,7 +280,8 @@ void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mome
                       " must be a dense CPU tensor");
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, "param ", i,
                       " has a sparse gradient; sparse gradients are not supported");
-    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && g.scalar_type() == dtype && g.device() == p.device(),
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && g.scalar_type() == dtype &&
+                          g.device() == p.device(),
                       op, "param ", i, " has shape ", shape_str(p), " ", dtype, " on ", p.device(),
                       " but its grad has shape ", shape_str(g), " ", g.scalar_type(), " on ",
                       g.device(), "; a grad must match its param");
@@ -337,7 +338,8 @@ void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (track) {
     double* out = stats.data_ptr<double>();
     for (size_t c = 0; c < w.chunks.size(); ++c) {
-      for (int k = 0; k < kStatCols; ++k) out[w.chunks[c].row * kStatCols + k] += partial[c * kStatCols + k];
+      double* row = out + w.chunks[c].row * kStatCols;
+      for (int k = 0; k < kStatCols; ++k) row[k] += partial[c * kStatCols + k];
     }
   }
 }
