@@ -1,0 +1,225 @@
+"""Ensemble: M copies of a network as one member-batched module."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from scaleinv_kernels.ensemble.convert import check_forward, convert
+from scaleinv_kernels.ensemble.layers import MemberContext
+from scaleinv_kernels.ensemble.seeding import STREAM_INIT, member_seed
+from scaleinv_kernels.optim.members import mark_members
+
+INITS = ("shared", "independent")
+
+
+class Ensemble(nn.Module):
+    """``n_members`` copies of a network trained as one batched module.
+
+    Args:
+        model_or_factory: an ``nn.Module`` (every member starts from its weights) or a
+            callable returning a fresh ``nn.Module`` of the same architecture each call.
+        n_members: M ≥ 1.
+        init: with a factory, ``"shared"`` gives every member the weights of one factory
+            call, ``"independent"`` calls the factory once per member, member ``i`` under
+            ``torch.manual_seed(member_seed(seed, 0, i))`` (reproducible from ``seed``
+            alone, whatever M). A module instance only allows ``"shared"``.
+        seed: seed of the initialisation (None: the current global RNG state, for
+            ``"shared"``; ``"independent"`` then uses seed 0).
+        conv_impl: ``"auto"``, ``"grouped"`` or ``"loop"``; see :class:`MemberConv`.
+        check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
+            of the batch dimension (see :func:`convert.check_forward`).
+
+    Parameters and buffers have shape ``[M, *shape]`` and live in :attr:`net` under the
+    original names (``ens.net.state_dict()`` has the original keys); parameters frozen in
+    the source (``requires_grad=False``) stay frozen. Every parameter is marked with
+    :func:`~scaleinv_kernels.optim.mark_members`, so :class:`FusedSGDWD` reports
+    statistics per (member, tensor) and accepts per-member ``lr``/``weight_decay``.
+
+    Calls:
+        * ``ens(x)``: ``x`` of shape ``[m, B, ...]`` (member i its own batch) →
+          ``[m, B, ...]``;
+        * ``ens.forward_shared(x)``: ONE batch ``[B, ...]`` for every member (not copied
+          per member) → ``[m, B, ...]``;
+        * both take ``members=slice(a, b)`` (or a range) to run only members a..b-1 — the
+          way to bound memory for large M; gradients land in rows a..b-1.
+    """
+
+    def __init__(
+        self,
+        model_or_factory: nn.Module | Callable[[], nn.Module],
+        n_members: int,
+        *,
+        init: str = "shared",
+        seed: int | None = None,
+        conv_impl: str = "auto",
+        check_forward: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
+            raise ValueError(f"Ensemble: n_members must be a positive int, got {n_members!r}")
+        if init not in INITS:
+            raise ValueError(f"Ensemble: init must be one of {INITS}, got {init!r}")
+        members = _build_members(model_or_factory, n_members, init, seed)
+        template = members[0]
+        if check_forward:
+            check_forward_fn(template)
+        self.n_members = n_members
+        self.init = init
+        self._ctx = MemberContext(n_members)
+        self.net = convert(members, self._ctx, conv_impl=conv_impl)
+        # A CPU copy of the original module: member(i) clones it and loads member i.
+        object.__setattr__(self, "_template", copy.deepcopy(template).cpu())
+        self.training = template.training
+        self.net.train(template.training)
+
+    # ---- calls ------------------------------------------------------------------------
+    def _select(self, members) -> tuple[int, int]:
+        if members is None:
+            return 0, self.n_members
+        if isinstance(members, range):
+            if members.step != 1:
+                raise ValueError("Ensemble: members must be a contiguous range (step 1)")
+            members = slice(members.start, members.stop)
+        if not isinstance(members, slice) or members.step not in (None, 1):
+            raise ValueError(f"Ensemble: members must be None, a slice or a range with step 1 "
+                             f"(got {members!r})")
+        start, stop, _ = members.indices(self.n_members)
+        if stop <= start:
+            raise ValueError(f"Ensemble: members={members} selects no member of "
+                             f"{self.n_members}")
+        return start, stop - start
+
+    def forward(self, x: Tensor, members: slice | range | None = None) -> Tensor:
+        """x: [m, B, ...] → [m, B, ...] (m = number of selected members)."""
+        start, m = self._select(members)
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != m:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"Ensemble: x must have shape [{m}, B, ...] (one batch per selected member), "
+                f"got {shape}; for one batch shared by all members call "
+                "ens.forward_shared(x)")
+        batch = x.shape[1]
+        self._set(start, m, batch, shared=False)
+        out = self.net(x.reshape(m * batch, *x.shape[2:]))
+        return self._unfold(out, m, batch)
+
+    def forward_shared(self, x: Tensor, members: slice | range | None = None) -> Tensor:
+        """x: [B, ...], the same batch for every member → [m, B, ...]."""
+        start, m = self._select(members)
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            raise ValueError("Ensemble.forward_shared: x must be a tensor [B, ...]")
+        batch = x.shape[0]
+        self._set(start, m, batch, shared=True)
+        out = self.net(x)
+        if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch and m > 1:
+            return out.unsqueeze(0).expand(m, *out.shape)  # no member layer was reached
+        return self._unfold(out, m, batch)
+
+    def _set(self, start: int, m: int, batch: int, shared: bool) -> None:
+        c = self._ctx
+        c.start, c.m, c.batch, c.shared = start, m, batch, shared
+
+    @staticmethod
+    def _unfold(out, m: int, batch: int) -> Tensor:
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != m * batch:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"Ensemble: the network returned {shape}; expected a tensor with "
+                             f"{m}·{batch} member-folded rows")
+        return out.view(m, batch, *out.shape[1:])
+
+    # ---- members ----------------------------------------------------------------------
+    def _index(self, i: int) -> int:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"Ensemble: a member index must be an int, got {type(i).__name__}")
+        if not -self.n_members <= i < self.n_members:
+            raise IndexError(f"Ensemble: member {i} out of range for {self.n_members} members")
+        return i % self.n_members
+
+    def member(self, i: int) -> nn.Module:
+        """A new instance of the original module class holding member ``i``'s parameters
+        and buffers (copies, on the ensemble's device), in the ensemble's train/eval mode."""
+        i = self._index(i)
+        model = copy.deepcopy(self._template)
+        state = {k: v[i] for k, v in self.net.state_dict().items()}
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        model.to(device)
+        model.load_state_dict(state)
+        return model.train(self.training)
+
+    @torch.no_grad()
+    def load_member(self, i: int, module: nn.Module) -> None:
+        """Write ``module``'s parameters and buffers into member ``i`` (module unchanged)."""
+        i = self._index(i)
+        if type(module) is not type(self._template):
+            raise TypeError(f"Ensemble.load_member: expected a {type(self._template).__name__}, "
+                            f"got {type(module).__name__}")
+        src = module.state_dict()
+        dst = self.net.state_dict()
+        if src.keys() != dst.keys():
+            raise ValueError("Ensemble.load_member: state_dict keys differ: missing "
+                             f"{sorted(dst.keys() - src.keys())}, unexpected "
+                             f"{sorted(src.keys() - dst.keys())}")
+        for k, v in src.items():
+            if tuple(v.shape) != tuple(dst[k].shape[1:]):
+                raise ValueError(f"Ensemble.load_member: '{k}' has shape {list(v.shape)}, the "
+                                 f"ensemble's members have {list(dst[k].shape[1:])}")
+        for k, v in src.items():
+            dst[k][i].copy_(v)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() may create new Parameter objects; keep them marked.
+        out = super()._apply(fn, recurse)
+        for p in self.parameters():
+            mark_members(p, self.n_members)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"n_members={self.n_members}, init={self.init!r}"
+
+
+check_forward_fn = check_forward
+
+
+def _signature(model: nn.Module) -> list:
+    return ([(n, type(m).__name__) for n, m in model.named_modules()]
+            + [(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()])
+
+
+def _build_members(source, n: int, init: str, seed: int | None) -> list[nn.Module]:
+    if isinstance(source, nn.Module):
+        if init != "shared":
+            raise ValueError("Ensemble: init='independent' needs a factory (a callable "
+                             "returning a fresh module); a module instance gives every "
+                             "member its weights (init='shared')")
+        return [source] * n
+    if not callable(source):
+        raise TypeError("Ensemble: pass an nn.Module or a callable returning one, got "
+                        f"{type(source).__name__}")
+
+    def build(s: int | None) -> nn.Module:
+        if s is None:  # the caller's global RNG stream, advanced as by a plain call
+            model = source()
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                model = source()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Ensemble: the factory returned a {type(model).__name__}, "
+                            "not an nn.Module")
+        return model
+
+    if init == "shared":
+        return [build(seed)] * n
+    base = 0 if seed is None else seed
+    members = [build(member_seed(base, STREAM_INIT, i)) for i in range(n)]
+    ref = _signature(members[0])
+    for i, model in enumerate(members[1:], 1):
+        if _signature(model) != ref:
+            raise ValueError(f"Ensemble: the factory returned a different architecture for "
+                             f"member {i} than for member 0 (module types, parameter names, "
+                             "shapes or dtypes differ); every member must be the same network")
+    return members
