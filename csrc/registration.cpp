@@ -7,11 +7,13 @@ TORCH_LIBRARY(scaleinv, m) {
   // Fused SGD + coupled weight decay + momentum over a list of tensors, with the
   // per-segment sums sum(w^2), sum(g^2), sum(w*g), sum(D^2), sum(w*D), #nonfinite(g)
   // (D = w_new - w_old) accumulated into rows of `stats` in the same pass.
+  // `segment_hparams` (float64 [sum(segments), 2]) optionally gives every segment its
+  // own (lr, weight_decay), overriding lr/lr_tensor and weight_decay.
   // See scaleinv_kernels/ops/sgd_wd.py for the full contract.
   m.def(
       "sgd_wd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] fresh_buffers, Tensor(c!) stats, int[] stats_rows, int[] segments, "
-      "Tensor? lr_tensor, float lr, float weight_decay, float momentum, float dampening, "
+      "Tensor? lr_tensor, Tensor? segment_hparams, float lr, float weight_decay, float momentum, float dampening, "
       "bool nesterov, bool maximize) -> ()");
 }
 

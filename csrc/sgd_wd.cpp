@@ -12,6 +12,11 @@
 // (many small tensors cost no launch each). Each chunk writes its partial sums to its
 // own slot and the slots are added into `stats` afterwards in chunk order, so the
 // statistics are deterministic whatever the thread count.
+//
+// Per-segment hyper-parameters: every chunk carries the (lr, weight_decay) of its segment
+// (the scalars, or a row of `segment_hparams`), rounded to the math type when the chunk
+// runs exactly as the scalars are, so a call with a table equals, segment by segment,
+// separate calls on the segments' slices with scalar lr/weight_decay.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/List.h>
@@ -136,6 +141,8 @@ struct Chunk {
   int64_t begin;   // element range [begin, end) of that tensor
   int64_t end;
   int64_t row;     // stats row this chunk adds into
+  double lr;       // learning rate and weight decay of the chunk's segment
+  double wd;
 };
 
 struct Work {
@@ -149,10 +156,16 @@ SCALEINV_INLINE void chunks_body(const Work& w, const Hyper<math_t<T>>& h, doubl
                                  int64_t lo, int64_t hi) {
   for (int64_t c = lo; c < hi; ++c) {
     const Chunk& ch = w.chunks[c];
+    // The segment's own lr/wd, rounded to the math type as ATen rounds `alpha` Scalars;
+    // a zero weight decay skips the add, as torch does.
+    Hyper<math_t<T>> hc = h;
+    hc.neg_lr = static_cast<math_t<T>>(-ch.lr);
+    hc.weight_decay = static_cast<math_t<T>>(ch.wd);
+    hc.has_wd = ch.wd != 0.0;
     T* p = w.params[ch.tensor].data_ptr<T>() + ch.begin;
     const T* g = w.grads[ch.tensor].const_data_ptr<T>() + ch.begin;
     T* b = MOM ? w.bufs[ch.tensor].data_ptr<T>() + ch.begin : nullptr;
-    update_range<T, FUSED, MOM, STATS>(p, g, b, ch.end - ch.begin, h, w.fresh[ch.tensor],
+    update_range<T, FUSED, MOM, STATS>(p, g, b, ch.end - ch.begin, hc, w.fresh[ch.tensor],
                                        partial + c * kStatCols);
   }
 }
@@ -214,13 +227,13 @@ void run_isa(const Work& w, const Hyper<math_t<T>>& h, std::vector<double>& part
 }
 
 template <typename T>
-void run_typed(const Work& w, double lr, double wd, double momentum, double dampening,
-               bool nesterov, bool maximize, bool stats, std::vector<double>& partial) {
+void run_typed(const Work& w, double momentum, double dampening, bool nesterov, bool maximize,
+               bool stats, std::vector<double>& partial) {
   using M = math_t<T>;
-  // Scalars are rounded to the math type exactly as ATen rounds its `alpha` Scalars.
-  Hyper<M> h{static_cast<M>(-lr),         static_cast<M>(wd), static_cast<M>(momentum),
-             static_cast<M>(1.0 - dampening), wd != 0.0,          nesterov,
-             maximize};
+  // Scalars are rounded to the math type exactly as ATen rounds its `alpha` Scalars; lr
+  // and weight decay come with each chunk (see chunks_body).
+  Hyper<M> h{M(0), M(0), static_cast<M>(momentum), static_cast<M>(1.0 - dampening), false,
+             nesterov, maximize};
   const bool mom = momentum != 0.0;
   if (mom && stats) return run_isa<T, true, true>(w, h, partial);
   if (mom) return run_isa<T, true, false>(w, h, partial);
@@ -237,7 +250,8 @@ std::string shape_str(const at::Tensor& t) {
 void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                 const c10::List<bool>& fresh_buffers, const at::Tensor& stats,
                 c10::IntArrayRef stats_rows, c10::IntArrayRef segments,
-                const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay,
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& segment_hparams, double lr, double weight_decay,
                 double momentum, double dampening, bool nesterov, bool maximize) {
   // ---- validate everything before anything is written ---------------------------
   const size_t n = params.size();
@@ -302,12 +316,40 @@ void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mome
     }
   }
 
+  // Per-segment (lr, weight_decay): row offset_i + s for segment s of param i.
+  at::Tensor hparams;
+  if (segment_hparams.has_value()) {
+    const at::Tensor& t = *segment_hparams;
+    int64_t n_seg = 0;
+    for (size_t i = 0; i < n; ++i) n_seg += segments[i];
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, op, "segment_hparams must be float64, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n_seg && t.size(1) == 2, op,
+                      "segment_hparams must have shape [sum(segments), 2] = [", n_seg,
+                      ", 2] (one (lr, weight_decay) row per segment), got ", shape_str(t));
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.device().is_cpu(), op,
+                      "segment_hparams is on ", t.device(),
+                      " but the params are on cpu; it must be a dense tensor on their device");
+    hparams = t.contiguous();
+    const double* hp = hparams.const_data_ptr<double>();
+    int64_t r = 0;
+    for (size_t i = 0; i < n; ++i) {
+      for (int64_t s = 0; s < segments[i]; ++s, ++r) {
+        const double slr = hp[2 * r], swd = hp[2 * r + 1];
+        TORCH_CHECK_VALUE(std::isfinite(slr) && std::isfinite(swd) && slr >= 0 && swd >= 0, op,
+                          "segment_hparams row ", r, " (param ", i, ", segment ", s,
+                          ") is (lr=", slr, ", weight_decay=", swd,
+                          "); every lr and weight_decay must be finite and >= 0");
+      }
+    }
+  }
+
   // ---- lay out the work ----------------------------------------------------------
   Work w;
   w.params.reserve(n);
   w.grads.reserve(n);
   w.fresh.assign(n, false);
-  std::vector<size_t> copied_back;  // non-contiguous params/buffers run on a contiguous copy
+  int64_t hp_offset = 0;  // first segment_hparams row of param i
   for (size_t i = 0; i < n; ++i) {
     w.params.push_back(params[i].contiguous());
     w.grads.push_back(grads[i].contiguous());
@@ -318,17 +360,23 @@ void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mome
     const int64_t numel = params[i].numel();
     const int64_t seg_len = numel / segments[i];
     for (int64_t s = 0; s < segments[i] && numel > 0; ++s) {
+      double slr = lr, swd = weight_decay;
+      if (hparams.defined()) {
+        slr = hparams.const_data_ptr<double>()[2 * (hp_offset + s)];
+        swd = hparams.const_data_ptr<double>()[2 * (hp_offset + s) + 1];
+      }
       for (int64_t b = 0; b < seg_len; b += kChunk) {
         w.chunks.push_back({static_cast<int64_t>(i), s * seg_len + b,
-                            s * seg_len + std::min(seg_len, b + kChunk), stats_rows[i] + s});
+                            s * seg_len + std::min(seg_len, b + kChunk), stats_rows[i] + s, slr,
+                            swd});
       }
     }
+    hp_offset += segments[i];  // zero-numel params keep their (unused) rows
   }
 
   std::vector<double> partial(track ? w.chunks.size() * kStatCols : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "scaleinv::sgd_wd_", [&] {
-    run_typed<scalar_t>(w, lr, weight_decay, momentum, dampening, nesterov, maximize, track,
-                        partial);
+    run_typed<scalar_t>(w, momentum, dampening, nesterov, maximize, track, partial);
   });
 
   for (size_t i = 0; i < n; ++i) {

@@ -3,7 +3,8 @@
 Contract (same for every backend)::
 
     sgd_wd_(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows, segments,
-            lr_tensor, lr, weight_decay, momentum, dampening, nesterov, maximize) -> None
+            lr_tensor, segment_hparams, lr, weight_decay, momentum, dampening, nesterov,
+            maximize) -> None
 
 * ``params`` (mutated): float32/float64/bfloat16/float16 tensors of ONE dtype on ONE
   device; any strides (non-contiguous ones are updated through a contiguous copy).
@@ -21,6 +22,15 @@ Contract (same for every backend)::
   Products and sums are fp64 (the products of fp32 values are exact), so the angular
   update derived from them stays accurate for tiny angles.
 * ``lr_tensor`` (optional one-element tensor on the params' device) overrides ``lr``.
+* ``segment_hparams`` (optional float64 ``[S, 2]`` on the params' device,
+  ``S = sum(segments)``) gives every segment its own ``(lr, weight_decay)``: row
+  ``offset_i + s`` (``offset_i = sum(segments[:i])``, call order) belongs to segment ``s``
+  of param ``i`` and overrides ``lr``/``lr_tensor`` and ``weight_decay`` there. A
+  zero-numel param still owns its ``segments[i]`` rows (they are unused). The values are
+  rounded to the math type like the scalars, and a segment with weight_decay 0 skips the
+  add, so the result equals, segment by segment and bit for bit, separate calls on each
+  segment's slice with scalar ``lr``/``weight_decay``. Shape, dtype and device are always
+  checked; values (finite, >= 0) wherever that needs no host sync, i.e. on CPU.
 
 Backends: C++ (``csrc/sgd_wd.cpp``) on CPU, Triton (below) on CUDA, and
 :func:`sgd_wd_reference` in plain torch, which is also the fallback.
@@ -29,6 +39,7 @@ Backends: C++ (``csrc/sgd_wd.cpp``) on CPU, Triton (below) on CUDA, and
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -61,8 +72,12 @@ def validate_args(
     momentum: float,
     dampening: float,
     nesterov: bool,
+    *,
+    segment_hparams: Tensor | None = None,
 ) -> None:
-    """Raise ValueError/TypeError naming the offending index; mutate nothing."""
+    """Raise ValueError/TypeError naming the offending index; mutate nothing.
+
+    ``segment_hparams`` values are checked only on CPU (on a GPU it would need a sync)."""
     n = len(params)
     op = "scaleinv::sgd_wd_: "
     if len(grads) != n or len(stats_rows) != n or len(segments) != n:
@@ -108,6 +123,33 @@ def validate_args(
         if track and not (0 <= stats_rows[i] and stats_rows[i] + segments[i] <= stats.shape[0]):
             raise ValueError(f"{op}stats rows of param {i} fall outside stats "
                              f"({stats.shape[0]} rows)")
+    if segment_hparams is not None:
+        _validate_segment_hparams(segment_hparams, segments, device)
+
+
+def _validate_segment_hparams(table: Tensor, segments: Sequence[int],
+                              device: torch.device | None) -> None:
+    op = "scaleinv::sgd_wd_: "
+    n_seg = sum(segments)
+    if not isinstance(table, Tensor) or table.dtype != torch.float64:
+        raise TypeError(f"{op}segment_hparams must be float64, got "
+                        f"{getattr(table, 'dtype', type(table).__name__)}")
+    if table.dim() != 2 or table.shape[0] != n_seg or table.shape[1] != 2:
+        raise ValueError(f"{op}segment_hparams must have shape [sum(segments), 2] = [{n_seg}, 2] "
+                         f"(one (lr, weight_decay) row per segment), got {list(table.shape)}")
+    if table.layout != torch.strided or (device is not None and table.device != device):
+        raise ValueError(f"{op}segment_hparams is on {table.device} but the params are on "
+                         f"{device}; it must be a dense tensor on their device")
+    if table.device.type != "cpu" or n_seg == 0:
+        return
+    bad = ~(torch.isfinite(table) & (table >= 0)).all(1)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        i = next(i for i, end in enumerate(itertools.accumulate(segments)) if r < end)
+        s = r - (sum(segments[:i]))
+        raise ValueError(f"{op}segment_hparams row {r} (param {i}, segment {s}) is "
+                         f"(lr={table[r, 0].item()}, weight_decay={table[r, 1].item()}); every "
+                         "lr and weight_decay must be finite and >= 0")
 
 
 # ----------------------------------------------------------------------------------
@@ -124,6 +166,7 @@ def sgd_wd_reference(
     stats_rows: Sequence[int],
     segments: Sequence[int],
     lr_tensor: Tensor | None,
+    segment_hparams: Tensor | None,
     lr: float,
     weight_decay: float,
     momentum: float,
@@ -139,24 +182,42 @@ def sgd_wd_reference(
     if lr_tensor is not None:
         lr = float(lr_tensor)
     validate_args(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows,
-                  segments, lr, weight_decay, momentum, dampening, nesterov)
+                  segments, lr, weight_decay, momentum, dampening, nesterov,
+                  segment_hparams=segment_hparams)
+    if segment_hparams is not None:
+        _validate_segment_hparams(segment_hparams.cpu(), segments, None)  # values, anywhere
+        table = segment_hparams.tolist()
     track = stats.numel() > 0
+    offset = 0
     for i, (p, g) in enumerate(zip(params, grads)):
         math = torch.float64 if p.dtype == torch.float64 else torch.float32
-        w = p.detach().to(math, copy=True)
-        gm = g.to(math)
-        d = -gm if maximize else gm
-        if weight_decay != 0:
-            d = d.add(w, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if fresh_buffers[i]:
-                bv = d.clone()
-            else:
-                bv = buf.to(math, copy=True).mul_(momentum).add_(d, alpha=1 - dampening)
-            buf.copy_(bv)
-            d = d.add(bv, alpha=momentum) if nesterov else bv
-        p.detach().copy_(w.add(d, alpha=-lr))
+        if segment_hparams is None:  # the whole tensor at once
+            parts = [(lr, weight_decay)]
+        else:
+            parts = table[offset:offset + segments[i]]
+        offset += segments[i]
+        k = len(parts)
+        w = p.detach().to(math, copy=True).reshape(k, -1)
+        gm = g.to(math).reshape(k, -1)
+        buf = momentum_buffers[i] if momentum != 0 else None
+        b_old = buf.to(math).reshape(k, -1) if buf is not None else None
+        new_w, new_b = torch.empty_like(w), torch.empty_like(w)
+        for s, (lr_s, wd_s) in enumerate(parts):  # each segment: SGD's ops on its slice
+            d = -gm[s] if maximize else gm[s]
+            if wd_s != 0:
+                d = d.add(w[s], alpha=wd_s)
+            if buf is not None:
+                if fresh_buffers[i]:
+                    bv = d.clone()
+                else:
+                    bv = b_old[s].clone().mul_(momentum).add_(d, alpha=1 - dampening)
+                new_b[s] = bv
+                d = d.add(bv, alpha=momentum) if nesterov else bv
+            new_w[s] = w[s].add(d, alpha=-lr_s)
+        if buf is not None:
+            buf.copy_(new_b.reshape(p.shape))
+        p.detach().copy_(new_w.reshape(p.shape))
+        w = w.reshape(p.shape)
         if track and p.numel() > 0:
             k = segments[i]
             w64 = w.double().reshape(k, -1)
@@ -211,6 +272,7 @@ if triton_available():
         work_ptr,  # *i64 [W, 4] (tensor index, begin, end, stats row) per program
         stats_ptr,  # *f64 [R, 6] per-segment sums, accumulated with atomic_add
         lr_ptr,  # *fp  [1]  learning rate when LR_FROM_TENSOR
+        hparams_ptr,  # *f64 [S, 2] (lr, weight_decay) per segment when PER_SEGMENT
         neg_lr,  # fp32  -lr when not LR_FROM_TENSOR
         weight_decay,  # fp32
         momentum,  # fp32
@@ -222,16 +284,25 @@ if triton_available():
         MAXIMIZE: tl.constexpr,
         TRACK_STATS: tl.constexpr,
         LR_FROM_TENSOR: tl.constexpr,
+        PER_SEGMENT: tl.constexpr,  # lr/weight_decay from hparams_ptr; work rows have 5 cols
         BLOCK: tl.constexpr,  # elements per inner step
     ):
-        item = tl.program_id(0).to(tl.int64) * 4
+        if PER_SEGMENT:
+            item = tl.program_id(0).to(tl.int64) * 5
+        else:
+            item = tl.program_id(0).to(tl.int64) * 4
         t = tl.load(work_ptr + item)
         begin = tl.load(work_ptr + item + 1)
         end = tl.load(work_ptr + item + 2)
         row = tl.load(work_ptr + item + 3)
         p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
         g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(DTYPE))
-        if LR_FROM_TENSOR:
+        if PER_SEGMENT:
+            # the segment's own (lr, wd), rounded fp64 -> fp32 to nearest like the scalars
+            seg = tl.load(work_ptr + item + 4)
+            lr_scale = -tl.load(hparams_ptr + seg * 2).to(tl.float32)
+            weight_decay = tl.load(hparams_ptr + seg * 2 + 1).to(tl.float32)
+        elif LR_FROM_TENSOR:
             lr_scale = -tl.load(lr_ptr).to(tl.float32)
         else:
             lr_scale = neg_lr
@@ -252,7 +323,9 @@ if triton_available():
                 d = -g
             else:
                 d = g
-            if HAS_WD:
+            if PER_SEGMENT:  # torch skips the add when wd == 0 (g + 0*w is not g for -0/inf)
+                d = tl.where(weight_decay != 0.0, tl.fma(w, weight_decay, d), d)
+            elif HAS_WD:
                 d = tl.fma(w, weight_decay, d)
             if HAS_MOMENTUM:
                 b_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(DTYPE))
@@ -291,16 +364,21 @@ if triton_available():
 
 @functools.lru_cache(maxsize=64)
 def _work_table(numels: tuple[int, ...], segments: tuple[int, ...], rows: tuple[int, ...],
-                device: torch.device) -> Tensor:
+                device: torch.device, per_segment: bool = False) -> Tensor:
     """(tensor, begin, end, stats row) items of at most CHUNK elements, never across a
-    segment; cached because it depends only on the shapes, not on the data."""
+    segment, plus the segment's row of segment_hparams as a 5th column when
+    ``per_segment``; cached because it depends only on the shapes, not on the data."""
     items: list[int] = []
+    offset = 0  # first segment_hparams row of tensor t
     for t, (numel, k, row) in enumerate(zip(numels, segments, rows)):
         seg_len = numel // k if numel else 0
         for s in range(k if numel else 0):
             for b in range(0, seg_len, CHUNK):
                 items += (t, s * seg_len + b, s * seg_len + min(seg_len, b + CHUNK), row + s)
-    return torch.tensor(items, dtype=torch.int64).reshape(-1, 4).to(device)
+                if per_segment:
+                    items.append(offset + s)
+        offset += k
+    return torch.tensor(items, dtype=torch.int64).reshape(-1, 5 if per_segment else 4).to(device)
 
 
 def _host_table(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -324,6 +402,7 @@ def sgd_wd_triton(
     stats_rows: Sequence[int],
     segments: Sequence[int],
     lr_tensor: Tensor | None,
+    segment_hparams: Tensor | None,
     lr: float,
     weight_decay: float,
     momentum: float,
@@ -337,14 +416,14 @@ def sgd_wd_triton(
     """
     validate_args(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows,
                   segments, 0.0 if lr_tensor is not None else lr, weight_decay, momentum,
-                  dampening, nesterov)
+                  dampening, nesterov, segment_hparams=segment_hparams)
     if not params:
         return
     if params[0].dtype == torch.float64:
         _log_once("float64 params have no Triton kernel; they use the torch reference")
         return sgd_wd_reference(params, grads, momentum_buffers, fresh_buffers, stats,
-                                stats_rows, segments, lr_tensor, lr, weight_decay, momentum,
-                                dampening, nesterov, maximize)
+                                stats_rows, segments, lr_tensor, segment_hparams, lr,
+                                weight_decay, momentum, dampening, nesterov, maximize)
     device = params[0].device
     has_mom = momentum != 0
     # Non-contiguous tensors are updated through contiguous copies written back after.
@@ -352,8 +431,9 @@ def sgd_wd_triton(
     work_g = [g if g.is_contiguous() else g.contiguous() for g in grads]
     work_b = [b if b.is_contiguous() else b.contiguous() for b in momentum_buffers]
     track = stats.numel() > 0
+    per_segment = segment_hparams is not None
     work = _work_table(tuple(p.numel() for p in params), tuple(segments), tuple(stats_rows),
-                       device)
+                       device, per_segment)
     if work.shape[0] == 0:
         return
     p_table = _pointer_table(work_p, device)
@@ -363,12 +443,14 @@ def sgd_wd_triton(
                         device)
     stats_arg = stats if track else torch.zeros(1, dtype=torch.float64, device=device)
     lr_arg = lr_tensor if lr_tensor is not None else stats_arg
+    hparams_arg = segment_hparams.contiguous() if per_segment else stats_arg
     _sgd_wd_kernel[(work.shape[0],)](
-        p_table, g_table, b_table, fresh, work, stats_arg, lr_arg,
+        p_table, g_table, b_table, fresh, work, stats_arg, lr_arg, hparams_arg,
         -float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
-        DTYPE=TRITON_DTYPES[params[0].dtype], HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_mom,
-        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), TRACK_STATS=track,
-        LR_FROM_TENSOR=lr_tensor is not None, BLOCK=BLOCK, num_warps=8,
+        DTYPE=TRITON_DTYPES[params[0].dtype], HAS_WD=weight_decay != 0 and not per_segment,
+        HAS_MOMENTUM=has_mom, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+        TRACK_STATS=track, LR_FROM_TENSOR=lr_tensor is not None and not per_segment,
+        PER_SEGMENT=per_segment, BLOCK=BLOCK, num_warps=8,
         enable_fp_fusion=False,  # every fma is explicit (tl.fma), as torch's kernels fuse
     )
     for src, dst in zip(work_p + work_b, list(params) + list(momentum_buffers)):
@@ -425,13 +507,17 @@ def sgd_wd_(
     maximize: bool,
     *,
     backend: str,
+    segment_hparams: Tensor | None = None,
 ) -> None:
     """Run the op with ``backend`` ("cpp", "triton" or "reference"); see module doc.
-    The sequences must be lists (the C++ op takes no other sequence type)."""
+    The sequences must be lists (the C++ op takes no other sequence type).
+    ``segment_hparams`` (float64 [sum(segments), 2]) overrides ``lr``/``weight_decay``
+    per segment."""
     lr_tensor = lr if isinstance(lr, Tensor) else None
     lr_value = 0.0 if lr_tensor is not None else float(lr)
     args = (params, grads, momentum_buffers, fresh_buffers,
-            stats, stats_rows, segments, lr_tensor, lr_value, float(weight_decay),
+            stats, stats_rows, segments, lr_tensor, segment_hparams, lr_value,
+            float(weight_decay),
             float(momentum), float(dampening), bool(nesterov), bool(maximize))
     if backend == "cpp":
         torch.ops.scaleinv.sgd_wd_(*args)

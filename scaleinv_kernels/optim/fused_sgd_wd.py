@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from scaleinv_kernels.ops.sgd_wd import select_backend, sgd_wd_, validate_args
+from scaleinv_kernels.optim.members import members_of
 from scaleinv_kernels.optim.stats import LayerStats
 
 _GROUP_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
@@ -23,10 +24,11 @@ class _Launch:
     backend: str
     params: list[Tensor]
     names: list[str]
-    rows: list[int]
+    rows: list[int]  # first stats row of each param
     states: list[dict]  # self.state[p] per param, looked up once (with momentum only)
-    segments: list[int]
+    segments: list[int]  # M for an ensemble tensor (one segment per member), else 1
     no_fresh: list[bool]
+    seg_rows: list[int]  # every stats row of the launch, param order, members consecutive
 
 
 class FusedSGDWD(torch.optim.Optimizer):
@@ -49,9 +51,20 @@ class FusedSGDWD(torch.optim.Optimizer):
         anything is modified;
       * ``lr`` may be a 0-d tensor; it is read on the device (no ``.item()`` on CUDA).
 
+    Ensembles: a parameter marked with :func:`~scaleinv_kernels.optim.mark_members` as
+    holding M members along dim 0 is cut into M segments (statistics per member). A param
+    group's ``lr`` and/or ``weight_decay`` may then be a 1-D float tensor of length M, one
+    value per member; every param of such a group must be an ensemble tensor of M members.
+    Each member's slice is updated bit for bit as a separate optimizer with scalar
+    ``lr[m]``, ``weight_decay[m]`` would update it. The per-member values are read on the
+    device each step (change them in place or assign new tensors for a schedule); they
+    must be finite and >= 0, which is checked when the group is added and, for CPU
+    tensors, at every step (on CUDA that check would need a host sync).
+
     Statistics: after each ``step()``, :meth:`layer_stats` returns the values of that
-    step, one entry per parameter tensor in parameter order (NaN for params without a
-    gradient). ``track_stats=False`` skips every statistics computation.
+    step, one entry per segment (a parameter tensor, or one member of an ensemble tensor)
+    in parameter order (NaN for params without a gradient). ``track_stats=False`` skips
+    every statistics computation.
 
     Backends (chosen once per (device, dtype), shown by :attr:`backend`): ``"cpp"`` on
     CPU, ``"triton"`` on CUDA, ``"reference"`` (plain torch) when neither is available.
@@ -102,14 +115,17 @@ class FusedSGDWD(torch.optim.Optimizer):
                                  "parameter once")
             seen.add(id(p))
         merged = {**self.defaults, **param_group}
-        _check_hparams(merged, f"FusedSGDWD {where}")
+        names = [p[0] if isinstance(p, tuple) else f"group{len(self.param_groups)}.param{i}"
+                 for i, p in enumerate(params)]
+        _check_hparams(merged, f"FusedSGDWD {where}", tensors, names)
         super().add_param_group(param_group)
         self._plan_cache.clear()
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        for g in self.param_groups:
-            _check_hparams(g, "FusedSGDWD.load_state_dict")
+        for gi, g in enumerate(self.param_groups):
+            _check_hparams(g, f"FusedSGDWD.load_state_dict: param group {gi}", g["params"],
+                           _param_names(g, gi))
         self._plan_cache.clear()
 
     @property
@@ -129,32 +145,41 @@ class FusedSGDWD(torch.optim.Optimizer):
         return out
 
     # ---- step -----------------------------------------------------------------------
-    def _plan(self, has_grad: tuple) -> tuple[list[_Launch], list[str], int]:
-        """Launches for a pattern of which params have grads (cached)."""
+    def _plan(self, has_grad: tuple) -> tuple:
+        """Launches and per-row (names, member, param index) for a pattern of which params
+        have grads (cached). Rows are segments: 1 per tensor, M per ensemble tensor."""
         cached = self._plan_cache.get(has_grad)
         if cached is not None:
             return cached
         launches: dict[tuple, _Launch] = {}
         names: list[str] = []
+        member: list[int] = []
+        param_index: list[int] = []
         row = 0
+        flat = 0  # index of the param in optimizer parameter order
         for gi, group in enumerate(self.param_groups):
-            pnames = group.get("param_names")
+            pnames = _param_names(group, gi)
             for pi, p in enumerate(group["params"]):
-                name = pnames[pi] if pnames else f"group{gi}.param{pi}"
-                names.append(name)
+                m = members_of(p)
+                k = 1 if m is None else m
+                names += [pnames[pi]] * k
+                member += [-1] if m is None else list(range(m))
+                param_index += [flat] * k
+                flat += 1
                 if has_grad[gi][pi]:
                     key = (gi, p.device, p.dtype)
                     if key not in launches:
                         launches[key] = _Launch(gi, select_backend(p.device), [], [], [], [],
-                                                [], [])
+                                                [], [], [])
                     la = launches[key]
                     la.params.append(p)
-                    la.names.append(name)
+                    la.names.append(pnames[pi])
                     la.rows.append(row)
-                    la.segments.append(1)
+                    la.segments.append(k)
                     la.no_fresh.append(False)
-                row += 1
-        plan = (list(launches.values()), names, row)
+                    la.seg_rows += range(row, row + k)
+                row += k
+        plan = (list(launches.values()), names, row, member, param_index)
         self._plan_cache[has_grad] = plan
         return plan
 
@@ -167,11 +192,12 @@ class FusedSGDWD(torch.optim.Optimizer):
                 loss = closure()
         has_grad = tuple(tuple([p.grad is not None for p in g["params"]])
                          for g in self.param_groups)
-        launches, names, n_rows = self._plan(has_grad)
+        launches, names, n_rows, member, param_index = self._plan(has_grad)
         calls = []
         for la in launches:
             group = self.param_groups[la.group]
             grads = [p.grad for p in la.params]
+            table = self._segment_table(la, group)
             bufs, fresh = [], []
             if group["momentum"] != 0:
                 if len(la.states) != len(la.params):  # like SGD: state only with momentum
@@ -180,40 +206,74 @@ class FusedSGDWD(torch.optim.Optimizer):
                 fresh = la.no_fresh
                 if any(b is None for b in bufs):
                     fresh = [b is None for b in bufs]
-            calls.append((la, group, grads, bufs, fresh))
+            calls.append((la, group, grads, bufs, fresh, table))
         # Every backend checks its own inputs before writing anything; with several
         # launches every launch is checked first so that a bad one cannot leave others
         # applied.
         if len(calls) > 1:
-            for la, group, grads, bufs, fresh in calls:
+            for la, group, grads, bufs, fresh, table in calls:
                 self._checked(la, validate_args, la.params, grads,
                               [b if b is not None else p for b, p in zip(bufs, la.params)],
-                              fresh, torch.empty(0), [0] * len(grads), [1] * len(grads),
-                              0.0 if isinstance(group["lr"], Tensor) else group["lr"],
-                              group["weight_decay"], group["momentum"], group["dampening"],
-                              group["nesterov"])
+                              fresh, torch.empty(0), [0] * len(grads), la.segments,
+                              0.0 if table is not None or isinstance(group["lr"], Tensor)
+                              else group["lr"],
+                              0.0 if table is not None else group["weight_decay"],
+                              group["momentum"], group["dampening"], group["nesterov"],
+                              segment_hparams=table)
         lrs: list = []
         if self.track_stats:  # one zeroed [rows, 6] float64 sum buffer per device
             used = {la.params[0].device for la in launches}
             self._stats = {d: self._zeroed_stats(d, n_rows) for d in used}
-        for la, group, grads, bufs, fresh in calls:
+        for la, group, grads, bufs, fresh, table in calls:
             stats = self._stats[la.params[0].device] if self.track_stats else _EMPTY
             new_bufs = fresh is not la.no_fresh
             if new_bufs:
                 bufs = [torch.empty_like(p, memory_format=torch.contiguous_format)
                         if b is None else b for p, b in zip(la.params, bufs)]
+            if table is None:
+                lr, wd = group["lr"], group["weight_decay"]
+            else:
+                lr, wd = 0.0, 0.0  # overridden per segment by the table
             self._checked(la, sgd_wd_, la.params, grads, bufs, fresh, stats, la.rows,
-                          la.segments, group["lr"], group["weight_decay"],
-                          group["momentum"], group["dampening"], group["nesterov"],
-                          group["maximize"], backend=la.backend)
+                          la.segments, lr, wd, group["momentum"], group["dampening"],
+                          group["nesterov"], group["maximize"], backend=la.backend,
+                          segment_hparams=table)
             if new_bufs:
                 for state, b, f in zip(la.states, bufs, fresh):
                     if f:
                         state["momentum_buffer"] = b
-            lr = group["lr"]
-            lrs.append((la.rows, lr.detach().clone() if isinstance(lr, Tensor) else float(lr)))
-        self._last = (names, n_rows, lrs, launches) if self.track_stats else None
+            if table is not None:
+                lr = table[:, 0]  # a new tensor every step: no clone needed
+            elif isinstance(group["lr"], Tensor):
+                lr = group["lr"].detach().clone()
+            else:
+                lr = float(group["lr"])
+            lrs.append((la.seg_rows, lr))
+        self._last = ((names, n_rows, lrs, launches, member, param_index) if self.track_stats
+                      else None)
         return loss
+
+    def _segment_table(self, la: _Launch, group: dict) -> Tensor | None:
+        """The float64 [segments, 2] (lr, weight_decay) table of a launch whose group has
+        per-member hyper-parameters (None otherwise). Only device ops: no host sync."""
+        where = f"FusedSGDWD param group {la.group}"
+        m = _hparam_members(group, where)
+        if m is None:
+            return None
+        _check_members(m, group, where, la.params, la.names)
+        device = la.params[0].device
+        cols = []
+        for key in ("lr", "weight_decay"):
+            v = group[key]
+            if isinstance(v, Tensor):
+                if v.device.type == "cpu" and v.dim() == 1:
+                    _check_values(v, key, where)  # free on CPU
+                v = v.detach().to(device=device, dtype=torch.float64, non_blocking=True)
+                v = v if v.dim() == 1 else v.reshape(()).expand(m)
+            else:
+                v = torch.full((m,), float(v), dtype=torch.float64, device=device)
+            cols.append(v)
+        return torch.stack(cols, 1).repeat(len(la.params), 1)
 
     def _zeroed_stats(self, device: torch.device, n_rows: int) -> Tensor:
         buf = self._stats.get(device)
@@ -243,7 +303,7 @@ class FusedSGDWD(torch.optim.Optimizer):
             raise RuntimeError("layer_stats() needs FusedSGDWD(..., track_stats=True)")
         if self._last is None:
             raise RuntimeError("layer_stats() is available after the first step()")
-        names, n_rows, lrs, launches = self._last
+        names, n_rows, lrs, launches, member, param_index = self._last
         device = launches[0].params[0].device if launches else torch.device("cpu")
         sums = torch.zeros(n_rows, 6, dtype=torch.float64, device=device)
         for buf in self._stats.values():
@@ -254,24 +314,91 @@ class FusedSGDWD(torch.optim.Optimizer):
             index = torch.tensor(rows, device=device)
             lr[index] = value.to(device, torch.float64) if isinstance(value, Tensor) else value
             updated[index] = True
-        return LayerStats.from_sums(names, sums, lr, updated)
+        return LayerStats.from_sums(names, sums, lr, updated, member, param_index)
 
 
 _EMPTY = torch.empty(0, dtype=torch.float64)
 
 
-def _check_hparams(group: dict, where: str) -> None:
-    """Raise ValueError/TypeError for invalid hyper-parameters of a group."""
+def _param_names(group: dict, gi: int) -> list[str]:
+    pnames = group.get("param_names")
+    return list(pnames) if pnames else [f"group{gi}.param{pi}" for pi in
+                                        range(len(group["params"]))]
+
+
+def _hparam_members(group: dict, where: str) -> int | None:
+    """M if the group's lr and/or weight_decay are per-member (1-D tensors of length M),
+    else None. Checks types and shapes only (nothing that needs a host sync)."""
+    lengths = {}
+    for key in ("lr", "weight_decay"):
+        v = group[key]
+        if not isinstance(v, Tensor):
+            continue
+        if not v.dtype.is_floating_point or v.is_complex():
+            raise ValueError(f"{where}: a tensor {key} must be a float tensor, got {v.dtype}")
+        if v.dim() == 1:
+            if v.numel() == 0:
+                raise ValueError(f"{where}: a per-member {key} needs one value per member, "
+                                 "got an empty tensor")
+            lengths[key] = v.numel()
+        elif key == "weight_decay":
+            raise ValueError(f"{where}: weight_decay must be a float or a 1-D tensor with one "
+                             f"value per member, got shape {list(v.shape)}")
+        elif v.numel() != 1:
+            raise ValueError(f"{where}: a tensor lr must be 0-d (one lr) or 1-D (one lr per "
+                             f"ensemble member), got shape {list(v.shape)} {v.dtype}")
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{where}: per-member lr and weight_decay must have the same length "
+                         f"(the member count), got {lengths['lr']} and "
+                         f"{lengths['weight_decay']}")
+    return next(iter(lengths.values()), None)
+
+
+def _check_members(m: int, group: dict, where: str, params: list[Tensor],
+                   names: list[str]) -> None:
+    """Every param of a group with per-member hyper-parameters holds exactly m members."""
+    key = "lr" if isinstance(group["lr"], Tensor) and group["lr"].dim() == 1 else "weight_decay"
+    for p, name in zip(params, names):
+        pm = members_of(p)
+        if pm == m:
+            continue
+        what = ("is not an ensemble tensor (no member dimension)" if pm is None
+                else f"is an ensemble tensor of {pm} members")
+        raise ValueError(f"{where} has a per-member {key} of length {m} but parameter "
+                         f"'{name}' {what}; put params with a different member count (or "
+                         "non-ensemble params) in a separate group with a scalar "
+                         f"{key} or one of their own length")
+
+
+def _check_values(v: Tensor, key: str, where: str) -> None:
+    bad = ~(torch.isfinite(v) & (v >= 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{where}: invalid per-member {key} {v[i].item()} (member {i}); "
+                         "every value must be finite and >= 0")
+
+
+def _check_hparams(group: dict, where: str, params: list[Tensor] | None = None,
+                   names: list[str] | None = None) -> None:
+    """Raise ValueError/TypeError for invalid hyper-parameters of a group (and, given its
+    params, for per-member hyper-parameters that do not fit them)."""
     lr = group["lr"]
+    m = _hparam_members(group, where)
     if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.dtype.is_floating_point:
-            raise ValueError(f"{where}: a tensor lr must be a one-element float tensor, "
-                             f"got shape {tuple(lr.shape)} {lr.dtype}")
+        if lr.dim() == 1:
+            _check_values(lr, "lr", where)
     elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
-        raise TypeError(f"{where}: lr must be a float or a 0-d tensor, got {type(lr).__name__}")
+        raise TypeError(f"{where}: lr must be a float, a 0-d tensor or a 1-D tensor with one "
+                        f"value per ensemble member, got {type(lr).__name__}")
     elif lr < 0:
         raise ValueError(f"{where}: invalid lr {lr}; the learning rate must be >= 0")
+    if isinstance(group["weight_decay"], Tensor):
+        _check_values(group["weight_decay"], "weight_decay", where)
+    if m is not None and params is not None:
+        _check_members(m, group, where, params, names or [str(i) for i in range(len(params))])
     for key in ("momentum", "dampening", "weight_decay"):
+        if key == "weight_decay" and isinstance(group[key], Tensor):
+            continue
         value = group[key]
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{where}: {key} must be a float, got {type(value).__name__}")

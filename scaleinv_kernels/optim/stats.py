@@ -1,6 +1,7 @@
 """Per-layer statistics derived from the fused kernel's per-segment sums.
 
-The kernel leaves, per segment (one parameter tensor), the float64 sums
+The kernel leaves, per segment (one parameter tensor, or one member of an ensemble tensor
+marked with :func:`~scaleinv_kernels.optim.mark_members`), the float64 sums
 ``Σw², Σg², Σw·g, ΣΔ², Σw·Δ, #nonfinite(g)`` (w before the step, g as stored in
 ``.grad``, Δ = w_{t+1} − w_t). Everything here is computed from them on the device, with
 no host synchronisation:
@@ -19,11 +20,17 @@ nonfinite          number of non-finite entries of g_t
 The atan2 form (|w ∧ w_{t+1}| = |w ∧ Δ|) keeps the angle accurate when it is tiny,
 where acos of a cosine near 1 would lose all digits. Rows of parameters that had no
 gradient in the last step are NaN.
+
+Rows are segments in parameter order: one per ordinary parameter tensor, M consecutive
+rows (members 0..M-1) per ensemble tensor. ``member`` / ``param_index`` say which
+member (-1 for ordinary tensors) and which parameter tensor each row is;
+:meth:`LayerStats.per_member` arranges a field as ``[M, ensemble tensors]``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,10 +42,19 @@ STAT_FIELDS = ("weight_norm", "grad_norm", "grad_weight_cosine", "update_norm",
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Statistics of the last optimizer step; each field is a 1-D float32 tensor with
-    one entry per segment (parameter tensor) in parameter order, on the params' device."""
+    """Statistics of the last optimizer step; each statistic (STAT_FIELDS) is a 1-D
+    float32 tensor with one entry per segment, on the params' device.
+
+    Segments are in parameter order: one per ordinary parameter tensor, M consecutive
+    ones (members 0..M-1) per ensemble tensor. ``names[r]`` is the parameter's name (the
+    same for every member row), ``member`` (int64) the member of row r or -1 for an
+    ordinary tensor, ``param_index`` (int64) the index of its parameter tensor in the
+    optimizer's parameter order.
+    """
 
     names: list[str]
+    member: Tensor
+    param_index: Tensor
     weight_norm: Tensor
     grad_norm: Tensor
     grad_weight_cosine: Tensor
@@ -47,11 +63,24 @@ class LayerStats:
     angular_update: Tensor
     effective_lr: Tensor
     nonfinite: Tensor
+    # host copies of member / param_index (no device sync to read them)
+    _member_host: tuple[int, ...] = dataclasses.field(default=(), repr=False, compare=False)
+    _param_index_host: tuple[int, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
-    def from_sums(cls, names: list[str], sums: Tensor, lr: Tensor, updated: Tensor) -> LayerStats:
+    def from_sums(cls, names: list[str], sums: Tensor, lr: Tensor, updated: Tensor,
+                  member: list[int] | None = None,
+                  param_index: list[int] | None = None) -> LayerStats:
         """``sums``: float64 [S, 6] kernel sums; ``lr``: [S] learning rate of each segment
-        in the step; ``updated``: [S] bool, False where the param had no gradient."""
+        in the step; ``updated``: [S] bool, False where the param had no gradient;
+        ``member`` / ``param_index``: per-row lists (default: one row per ordinary
+        tensor)."""
+        n = sums.shape[0]
+        member = [-1] * n if member is None else list(member)
+        param_index = list(range(n)) if param_index is None else list(param_index)
+        if not len(names) == len(member) == len(param_index) == n:
+            raise ValueError(f"LayerStats.from_sums: {n} rows but {len(names)} names, "
+                             f"{len(member)} members and {len(param_index)} param indices")
         ww, gg, wg, dd, wdel, nonfinite = sums.unbind(1)
         nan = torch.full_like(ww, float("nan"))
         values = {
@@ -64,15 +93,47 @@ class LayerStats:
             "effective_lr": lr.to(ww) / ww,
             "nonfinite": nonfinite,
         }
-        return cls(names=list(names), **{k: torch.where(updated, v, nan).float()
-                                         for k, v in values.items()})
+        device = sums.device
+        return cls(names=list(names),
+                   member=torch.tensor(member, dtype=torch.int64, device=device),
+                   param_index=torch.tensor(param_index, dtype=torch.int64, device=device),
+                   _member_host=tuple(member), _param_index_host=tuple(param_index),
+                   **{k: torch.where(updated, v, nan).float() for k, v in values.items()})
 
     def stacked(self) -> Tensor:
-        """All fields as one float32 [len(STAT_FIELDS), S] tensor (STAT_FIELDS order)."""
+        """All statistics as one float32 [len(STAT_FIELDS), S] tensor (STAT_FIELDS order)."""
         return torch.stack([getattr(self, f) for f in STAT_FIELDS])
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "names"}
+        """The float statistics (STAT_FIELDS), by name."""
+        return {f: getattr(self, f) for f in STAT_FIELDS}
+
+    def per_member(self, field: str) -> Tensor:
+        """``field`` as a float32 ``[M, E]`` tensor: column j is the j-th ensemble tensor in
+        parameter order, row m its member m. Ordinary tensors are left out.
+
+        Raises ValueError for an unknown field, when there are no ensemble tensors, or
+        when the ensemble tensors have different member counts.
+        """
+        if field not in STAT_FIELDS:
+            raise ValueError(f"LayerStats.per_member: unknown field {field!r}; choose from "
+                             f"{STAT_FIELDS}")
+        columns: dict[int, list[int]] = {}  # param index -> its rows, member order
+        for r, (m, pi) in enumerate(zip(self._member_host, self._param_index_host)):
+            if m >= 0:
+                columns.setdefault(pi, []).append(r)
+        if not columns:
+            raise ValueError("LayerStats.per_member: no ensemble tensors (params marked with "
+                             "mark_members) among the optimizer's parameters")
+        counts = {pi: len(rows) for pi, rows in columns.items()}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{self.names[rows[0]]!r}: {len(rows)}"
+                               for rows in columns.values())
+            raise ValueError("LayerStats.per_member: the ensemble tensors have different "
+                             f"member counts ({detail})")
+        index = torch.tensor(list(columns.values()), dtype=torch.int64).t()  # [M, E]
+        values = getattr(self, field)
+        return values[index.to(values.device)]
 
 
 class StatsRecorder:
@@ -93,6 +154,7 @@ class StatsRecorder:
         self.steps: list[int] = []
         self._records: list[Tensor] = []
         self.names: list[str] = []
+        self.members: list[int] = []
         self._count = 0
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
@@ -101,9 +163,11 @@ class StatsRecorder:
         if self._count % self.every:
             return
         stats = optimizer.layer_stats()
-        if stats.names != self.names and self._records:
+        members = list(stats._member_host)
+        if (stats.names != self.names or members != self.members) and self._records:
             raise RuntimeError("StatsRecorder: the parameter set changed; start a new recorder")
         self.names = stats.names
+        self.members = members
         self.steps.append(self._count)
         self._records.append(stats.stacked())
 
@@ -120,7 +184,9 @@ class StatsRecorder:
         return out
 
     def to_dataframe(self):
-        """Long-format pandas DataFrame: one row per (step, layer), one column per field."""
+        """Long-format pandas DataFrame: one row per (step, segment) with columns ``step``,
+        ``layer`` (parameter name), ``member`` (-1 for ordinary tensors) and one per
+        field."""
         try:
             import pandas as pd
         except ImportError as err:
@@ -128,7 +194,8 @@ class StatsRecorder:
                               "pip install pandas") from err
         arrays = self.to_numpy()
         t, s = len(self.steps), len(self.names)
-        data = {"step": np.repeat(arrays["step"], s), "layer": np.tile(np.asarray(self.names), t)}
+        data = {"step": np.repeat(arrays["step"], s), "layer": np.tile(np.asarray(self.names), t),
+                "member": np.tile(np.asarray(self.members, dtype=np.int64), t)}
         data.update({f: arrays[f].reshape(-1) for f in STAT_FIELDS})
         return pd.DataFrame(data)
 
@@ -154,8 +221,9 @@ class StatsRecorder:
         fig, axes = plt.subplots(len(fields), 1, figsize=(8, 3.2 * len(fields)), sharex=True,
                                  squeeze=False)
         for ax, field in zip(axes[:, 0], fields):
-            for k, name in enumerate(self.names):
-                ax.plot(arrays["step"], arrays[field][:, k], lw=1, label=name)
+            for k, (name, m) in enumerate(zip(self.names, self.members)):
+                label = name if m < 0 else f"{name}[{m}]"
+                ax.plot(arrays["step"], arrays[field][:, k], lw=1, label=label)
             if reference and field in reference:
                 ax.axhline(reference[field], color="k", ls="--", lw=1.5, label="prediction")
             if logy:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scaleinv_kernels import STAT_FIELDS, FusedSGDWD, StatsRecorder
+from scaleinv_kernels.optim import mark_members, members_of
 from tests.helpers import assert_bitwise, assert_rel
 
 HP = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -340,3 +341,225 @@ def test_extension_is_in_use_when_required():
 
     assert extension_loaded()
     assert FusedSGDWD([torch.nn.Parameter(torch.ones(2))]).backend == "cpp"
+
+
+# ---- ensembles: per-member lr / weight decay and per-member statistics ---------------
+M = 4
+MEMBER_SHAPES = [(5, 3), (7,), (), (0, 2)]  # per member; the ensemble tensor is [M, *shape]
+
+
+def _ensemble_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    stacked = [mark_members(torch.nn.Parameter(torch.randn((M, *s), generator=gen)), M)
+               for s in MEMBER_SHAPES]
+    plain = torch.nn.Parameter(torch.randn(6, generator=gen))  # an ordinary tensor
+    return stacked, plain
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_per_member_hparams_bitwise_equal_separate_runs(nesterov):
+    """Stacked [M, ...] params with lr/wd tensors of length M == M separate FusedSGDWD and
+    torch.optim.SGD(foreach=False) runs on the members' slices with scalar lr[m], wd[m],
+    through an lr schedule (new tensor, then in-place change); wd[1] == 0."""
+    stacked, plain = _ensemble_params()
+    lr = torch.tensor([0.1, 0.05, 0.2, 0.013])
+    wd = torch.tensor([1e-2, 0.0, 5e-4, 3e-3])
+    mom = dict(momentum=0.9, nesterov=nesterov)
+    ours = FusedSGDWD([{"params": stacked, "lr": lr.clone(), "weight_decay": wd},
+                       {"params": [plain], "lr": 0.3, "weight_decay": 1e-3}], **mom)
+    members = [[torch.nn.Parameter(p.detach()[m].clone()) for p in stacked] for m in range(M)]
+    twins = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in members]
+    fused = [FusedSGDWD(ps, lr=float(lr[m]), weight_decay=float(wd[m]), **mom)
+             for m, ps in enumerate(members)]
+    torch_opts = [torch.optim.SGD(ps, lr=float(lr[m]), weight_decay=float(wd[m]),
+                                  foreach=False, **mom) for m, ps in enumerate(twins)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        if step == 2:  # a schedule: assign a new tensor ...
+            lr = lr * torch.tensor([0.5, 1.0, 0.25, 2.0])
+            ours.param_groups[0]["lr"] = lr.clone()
+        if step == 4:  # ... or change it in place
+            lr[3] = 0.07
+            ours.param_groups[0]["lr"][3] = 0.07
+        for j, p in enumerate(stacked):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g.clone()
+            for m in range(M):
+                members[m][j].grad = g[m].clone()
+                twins[m][j].grad = g[m].clone()
+        plain.grad = torch.randn(6, generator=gen)
+        for m in range(M):
+            for opt in (fused[m], torch_opts[m]):
+                opt.param_groups[0]["lr"] = float(lr[m])
+        ours.step()
+        for opt in fused + torch_opts:
+            opt.step()
+    for j, p in enumerate(stacked):
+        for m in range(M):
+            what = f"tensor {j} member {m}"
+            assert_bitwise(p.detach()[m], twins[m][j].detach(), f"{what} vs torch SGD")
+            assert_bitwise(p.detach()[m], members[m][j].detach(), f"{what} vs FusedSGDWD")
+            assert_bitwise(ours.state[p]["momentum_buffer"][m],
+                           torch_opts[m].state[twins[m][j]]["momentum_buffer"],
+                           f"{what} momentum buffer")
+    # statistics per (member, tensor) equal the separate runs' statistics, effective_lr
+    # included (each segment's own lr)
+    stats = ours.layer_stats()
+    n = len(MEMBER_SHAPES)
+    assert stats.member.tolist() == [m for _ in range(n) for m in range(M)] + [-1]
+    assert stats.param_index.tolist() == [j for j in range(n) for _ in range(M)] + [n]
+    assert stats.names == [f"group0.param{j}" for j in range(n) for _ in range(M)] + [
+        "group1.param0"]
+    for field in STAT_FIELDS:
+        table = stats.per_member(field)
+        assert table.shape == (M, n)
+        for m in range(M):
+            assert_bitwise(table[m], getattr(fused[m].layer_stats(), field), f"{field} {m}")
+    assert_rel(stats.per_member("effective_lr")[:, 0],
+               lr / stats.per_member("weight_norm")[:, 0].double() ** 2, 1e-6, "effective lr")
+
+
+def test_ensemble_tensor_with_scalar_hparams_is_cut_into_members():
+    """Scalar lr on marked params: the update is unchanged (bitwise torch SGD) and the
+    statistics come per member."""
+    stacked, _ = _ensemble_params(2)
+    twin = _clone(stacked)
+    ours = FusedSGDWD(stacked, lr=torch.tensor(0.05), momentum=0.9, weight_decay=1e-3)
+    ref = torch.optim.SGD(twin, lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, t in zip(stacked, twin):
+            p.grad = torch.randn(p.shape, generator=gen)
+            t.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    for p, t in zip(stacked, twin):
+        assert_bitwise(p, t, "ensemble tensor, scalar lr")
+    stats = ours.layer_stats()
+    assert stats.weight_norm.shape == (M * len(MEMBER_SHAPES),)
+    expected = torch.stack([p.detach().reshape(M, -1).double().norm(dim=1) for p in twin], 1)
+    before = stats.per_member("weight_norm")  # norms before the last step
+    assert before.shape == (M, len(MEMBER_SHAPES)) and bool((before[:, 3] == 0).all())
+    new = stats.per_member("new_weight_norm")
+    assert_rel(new[:, :3], expected[:, :3].float(), 1e-6, "per-member new weight norm")
+    assert set(stats.as_dict()) == set(STAT_FIELDS)
+
+
+def test_per_member_state_dict_round_trip():
+    def run(split):
+        stacked, plain = _ensemble_params(4)
+        make = lambda: FusedSGDWD(
+            [{"params": stacked, "lr": torch.tensor([0.1, 0.2, 0.05, 0.0]),
+              "weight_decay": torch.tensor([0.0, 1e-2, 1e-3, 5e-2], dtype=torch.float64)},
+             {"params": [plain]}], lr=0.1, momentum=0.9)
+        opt = make()
+        gen = torch.Generator().manual_seed(5)
+        for step in range(4):
+            for p in stacked + [plain]:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if step == split:
+                state = copy.deepcopy(opt.state_dict())
+                assert torch.is_tensor(state["param_groups"][0]["lr"])
+                opt = make()
+                opt.load_state_dict(state)
+        return stacked + [plain]
+
+    for a, b in zip(run(split=1), run(split=-1)):
+        assert_bitwise(a, b, "after state_dict round trip")
+
+
+def _marked(shape, m):
+    return mark_members(torch.nn.Parameter(torch.ones(shape)), m)
+
+
+@pytest.mark.parametrize(
+    "group, text",
+    [
+        ({"params": [("ens.w", _marked((4, 3), 4)), ("fc.weight", torch.nn.Parameter(
+            torch.ones(3)))], "lr": torch.full((4,), 0.1)},
+         r"param group 0 has a per-member lr of length 4 but parameter 'fc.weight' is not an "
+         r"ensemble tensor \(no member dimension\); put .* separate group"),
+        ({"params": [("a", _marked((4, 3), 4)), ("b", _marked((2, 3), 2))],
+          "weight_decay": torch.full((4,), 0.1)},
+         "per-member weight_decay of length 4 but parameter 'b' is an ensemble tensor of 2"),
+        ({"params": [_marked((4, 3), 4)], "lr": torch.full((4,), 0.1),
+          "weight_decay": torch.full((3,), 0.1)}, "same length"),
+        ({"params": [_marked((4, 3), 4)], "lr": torch.tensor([0.1, -0.1, 0.1, 0.1])},
+         r"invalid per-member lr -0.1.* \(member 1\); .*finite and >= 0"),
+        ({"params": [_marked((4, 3), 4)], "weight_decay": torch.tensor([0.1, 0, float("nan"),
+                                                                      0])}, "finite"),
+        ({"params": [_marked((4, 3), 4)], "lr": torch.full((2, 2), 0.1)}, "0-d .* or 1-D"),
+        ({"params": [_marked((4, 3), 4)], "lr": torch.ones(4, dtype=torch.int64)},
+         "float tensor"),
+        ({"params": [_marked((4, 3), 4)], "weight_decay": torch.tensor(0.1)}, "weight_decay"),
+    ],
+)
+def test_bad_per_member_groups(group, text):
+    with pytest.raises(ValueError, match=text):
+        FusedSGDWD([group], lr=0.1)
+
+
+def test_bad_per_member_hparams_at_step_change_nothing():
+    """Hyper-parameters changed after construction are checked in step(), before any
+    launch writes (the ordinary group is not updated either)."""
+    stacked, plain = _ensemble_params(6)
+    lr = torch.full((M,), 0.1)
+    opt = FusedSGDWD([{"params": [("plain", plain)], "lr": 0.2},
+                      {"params": [("ens", stacked[0])], "lr": lr}], momentum=0.9)
+    for p in (plain, stacked[0]):
+        p.grad = torch.ones(p.shape)
+    snapshot = [plain.detach().clone(), stacked[0].detach().clone()]
+    for change, text in [(lambda g: g.update(lr=torch.full((M + 1,), 0.1)),
+                          "length 5 but parameter 'ens' is an ensemble tensor of 4"),
+                         (lambda g: g["lr"].__setitem__(2, -1.0), "member 2"),
+                         (lambda g: g["lr"].__setitem__(2, float("inf")), "finite")]:
+        opt.param_groups[1]["lr"] = lr.clone()
+        change(opt.param_groups[1])
+        with pytest.raises(ValueError, match=text):
+            opt.step()
+        assert_bitwise(plain.detach(), snapshot[0], "ordinary param after failed step")
+        assert_bitwise(stacked[0].detach(), snapshot[1], "ensemble param after failed step")
+        assert opt.state[plain] == {}
+
+
+def test_mark_members_and_layer_stats_errors():
+    t = torch.nn.Parameter(torch.ones(3, 2))
+    assert members_of(t) is None and mark_members(t, 3) is t and members_of(t) == 3
+    for bad, m in [(torch.tensor(1.0), 1), (torch.ones(3, 2), 2), (torch.ones(3), 0),
+                   (torch.ones(0, 2), 0)]:
+        with pytest.raises(ValueError):
+            mark_members(bad, m)
+    plain = torch.nn.Parameter(torch.ones(3))
+    opt = FusedSGDWD([plain], lr=0.1)
+    plain.grad = torch.ones(3)
+    opt.step()
+    stats = opt.layer_stats()
+    assert stats.member.tolist() == [-1] and stats.param_index.tolist() == [0]
+    with pytest.raises(ValueError, match="no ensemble tensors"):
+        stats.per_member("weight_norm")
+    mixed = FusedSGDWD([_marked((4, 2), 4), _marked((2, 2), 2)], lr=0.1)
+    for p in mixed.param_groups[0]["params"]:
+        p.grad = torch.ones(p.shape)
+    mixed.step()
+    with pytest.raises(ValueError, match="different member counts"):
+        mixed.layer_stats().per_member("grad_norm")
+    with pytest.raises(ValueError, match="unknown field"):
+        mixed.layer_stats().per_member("names")
+
+
+def test_stats_recorder_member_rows():
+    stacked, plain = _ensemble_params(7)
+    opt = FusedSGDWD([("ens.w", stacked[0]), ("fc.w", plain)], lr=0.1, weight_decay=0.1)
+    rec = StatsRecorder(opt)
+    for _ in range(2):
+        for p in (stacked[0], plain):
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    frame = rec.to_dataframe()
+    assert len(frame) == 2 * (M + 1)
+    last = frame[frame.step == 2]
+    assert last.member.tolist() == [0, 1, 2, 3, -1]
+    assert last.layer.tolist() == ["ens.w"] * M + ["fc.w"]
+    per_member = opt.layer_stats().per_member("weight_norm")[:, 0]
+    assert_rel(torch.tensor(last.weight_norm.to_numpy()[:M]), per_member, 0, "recorded")
