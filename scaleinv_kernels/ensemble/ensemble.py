@@ -29,7 +29,8 @@ class Ensemble(nn.Module):
             alone, whatever M). A module instance only allows ``"shared"``.
         seed: seed of the initialisation (None: the current global RNG state, for
             ``"shared"``; ``"independent"`` then uses seed 0).
-        conv_impl: ``"auto"``, ``"grouped"`` or ``"loop"``; see :class:`MemberConv`.
+        conv_impl: ``"grouped"`` (one grouped convolution per layer) or ``"loop"`` (one
+            convolution per member); see :class:`~.layers.MemberConv`.
         check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
             of the batch dimension (see :func:`convert.check_forward`).
 
@@ -55,7 +56,7 @@ class Ensemble(nn.Module):
         *,
         init: str = "shared",
         seed: int | None = None,
-        conv_impl: str = "auto",
+        conv_impl: str = "grouped",
         check_forward: bool = True,
     ) -> None:
         super().__init__()
@@ -104,7 +105,7 @@ class Ensemble(nn.Module):
                 "ens.forward_shared(x)")
         batch = x.shape[1]
         self._set(start, m, batch, shared=False)
-        out = self.net(x.reshape(m * batch, *x.shape[2:]))
+        out = self.net(self._ctx.fold(x))
         return self._unfold(out, m, batch)
 
     def forward_shared(self, x: Tensor, members: slice | range | None = None) -> Tensor:
@@ -128,8 +129,9 @@ class Ensemble(nn.Module):
         if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != m * batch:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"Ensemble: the network returned {shape}; expected a tensor with "
-                             f"{m}·{batch} member-folded rows")
-        return out.view(m, batch, *out.shape[1:])
+                             f"{batch}·{m} member-folded rows")
+        # rows are batch-major (b·m + i); hand back [m, B, ...] contiguous
+        return out.view(batch, m, *out.shape[1:]).transpose(0, 1).contiguous()
 
     # ---- members ----------------------------------------------------------------------
     def _index(self, i: int) -> int:

@@ -1,20 +1,27 @@
 """Member-batched layers: one module holds the parameters of M copies of a layer.
 
 Activation layout. Inside an :class:`~scaleinv_kernels.ensemble.Ensemble` every
-activation is *member-folded*: a tensor of shape ``[m·B, ...]`` whose first ``B`` rows
-belong to the first selected member, the next ``B`` rows to the second, and so on. Every
-op that treats dim 0 as the batch (activations, pooling, ``flatten(x, 1)``,
-``x.view(x.size(0), -1)``, residual adds, channel concatenation, dropout) is therefore
-already correct for all members at once; only layers holding parameters or computing
-batch statistics need to know the member boundaries, and they are replaced by the
-classes below.
+activation is *member-folded, batch-major*: a tensor ``[B·m, ...]`` whose row
+``b·m + i`` is sample ``b`` of member ``i`` (the members' batches interleaved). Two
+consequences make this the layout of choice:
+
+* every op that treats dim 0 as the batch (activations, pooling, ``flatten(x, 1)``,
+  ``x.view(x.size(0), -1)``, residual adds, channel concatenation, dropout) is already
+  correct for all members at once, so the module's own ``forward`` runs unchanged;
+* ``[B·m, C, ...]`` and ``[B, m·C, ...]`` are the SAME memory: a grouped convolution
+  with ``groups = m`` and a BatchNorm over ``m·C`` channels (per-member, per-channel
+  statistics) run on free views, with no transposition anywhere in a CNN. The
+  alternative member-major order ``[m·B, ...]`` costs two transposing copies per
+  convolution and per BatchNorm.
+
+Only layers holding parameters or computing batch statistics know about members; they
+are the classes below, and read the member count and batch size from the
+:class:`MemberContext` their ensemble sets before each call.
 
 Shared batch. In :meth:`Ensemble.forward_shared` the input ``[B, ...]`` is fed as is;
-the first parameterised layer broadcasts it (a convolution or linear layer with the
-members' weights concatenated along the output channels: one GEMM, no copy of the
-input per member) and from there on activations are member-folded. Layers tell the two
-cases apart by the leading size (``B`` vs ``m·B``) against the :class:`MemberContext`
-the ensemble sets before each call.
+the first convolution or linear layer applies the members' weights side by side (one
+convolution/GEMM with ``m·O`` output channels, whose output ``[B, m·O, ...]`` is already
+``[B·m, O, ...]``), so the shared input is never copied per member.
 
 All parameters and buffers carry a leading member dimension ``[M, ...]``; a call on a
 member range ``members=slice(a, b)`` uses the views ``param[a:b]``, so gradients and
@@ -32,7 +39,7 @@ from torch import Tensor, nn
 
 from scaleinv_kernels.optim.members import mark_members
 
-CONV_IMPLS = ("auto", "grouped", "loop")
+CONV_IMPLS = ("grouped", "loop")
 
 
 @dataclass
@@ -49,20 +56,28 @@ class MemberContext:
     def sel(self) -> slice:
         return slice(self.start, self.start + self.m)
 
-    def member_view(self, x: Tensor, layer: str) -> Tensor:
-        """``x`` as ``[m, B, ...]``: a view of a member-folded tensor, or a copy of a
-        shared one broadcast to every member (only layers that need per-member samples,
-        e.g. normalization before any weight layer, pay for that copy)."""
+    def fold(self, x: Tensor) -> Tensor:
+        """[m, B, ...] → [B·m, ...] (batch-major; a copy unless m == 1)."""
+        return x.transpose(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+    def unfold(self, y: Tensor) -> Tensor:
+        """[B·m, ...] → [m, B, ...] (a strided view)."""
+        return y.view(self.batch, self.m, *y.shape[1:]).transpose(0, 1)
+
+    def folded(self, x: Tensor, layer: str) -> Tensor:
+        """``x`` as member-folded ``[B·m, ...]``: unchanged if it already is, a copy of a
+        shared batch broadcast to every member otherwise (only layers that need
+        per-member samples before any weight layer, e.g. a leading norm, pay for it)."""
         m, b = self.m, self.batch
         if x.dim() == 0:
             raise ValueError(f"{layer}: got a 0-d tensor; member layers need a batch dimension")
         if x.shape[0] == m * b:
-            return x.view(m, b, *x.shape[1:])
+            return x
         if self.shared and x.shape[0] == b:
-            return x.unsqueeze(0).expand(m, *x.shape).contiguous()
+            return x.unsqueeze(1).expand(b, m, *x.shape[1:]).reshape(b * m, *x.shape[1:])
         raise ValueError(
             f"{layer}: input has leading size {x.shape[0]}, but the ensemble expects "
-            f"{m}·{b} = {m * b} member-folded rows (or {b} for a shared batch); an op before "
+            f"{b}·{m} = {m * b} member-folded rows (or {b} for a shared batch); an op before "
             "this layer mixed the batch dimension (e.g. a view/reshape that does not keep "
             "x.size(0) first)")
 
@@ -71,7 +86,15 @@ class MemberContext:
         return self.shared and self.m > 1 and x.dim() > 0 and x.shape[0] == self.batch
 
 
-def _stack(tensors: Sequence[Tensor | None], what: str) -> Tensor | None:
+def _refold(y: Tensor, *shape: int) -> Tensor:
+    """Reshape a FRESH op output to ``shape`` as a non-view (``aten._unsafe_view``), like
+    torch's own matmul does: an in-place op that follows (``ReLU(inplace=True)`` after a
+    norm) then modifies a plain tensor, instead of a view whose base autograd would have
+    to rebuild with full-size copies (CopySlices) in the backward pass."""
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
+def _stack(tensors: Sequence[Tensor | None]) -> Tensor | None:
     if tensors[0] is None:
         return None
     return torch.stack([t.detach() for t in tensors]).contiguous()
@@ -81,18 +104,26 @@ def _stacked_param(tensors: Sequence[Tensor | None], n: int) -> nn.Parameter | N
     """[M, ...] parameter from M member tensors; frozen if the source is frozen."""
     if tensors[0] is None:
         return None
-    p = nn.Parameter(_stack(tensors, "param"), requires_grad=tensors[0].requires_grad)
+    p = nn.Parameter(_stack(tensors), requires_grad=tensors[0].requires_grad)
     mark_members(p, n)
     return p
 
 
-def _bcast(t: Tensor, ndim: int) -> Tensor:
-    """[m, C] → [m, 1, C, 1, ..., 1] broadcastable against [m, B, C, *spatial]."""
-    return t.view(t.shape[0], 1, t.shape[1], *([1] * (ndim - 3)))
+def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, m: int, feat: tuple) -> Tensor:
+    """Per-member elementwise affine on folded ``y`` [B·m, *feat, *rest]: w, b [m, *feat]."""
+    if w is None and b is None:
+        return y
+    shape = (1, m, *feat, *([1] * (y.dim() - 1 - len(feat))))
+    y5 = y.view(-1, m, *y.shape[1:])
+    if w is not None:
+        y5 = y5 * w.view(shape)
+    if b is not None:
+        y5 = y5 + b.view(shape)
+    return y5.view(y.shape)
 
 
 class MemberLayer(nn.Module):
-    """Base: keeps the ensemble's context and the member count."""
+    """Base: keeps the ensemble's context."""
 
     ctx: MemberContext
 
@@ -116,32 +147,25 @@ class MemberLayer(nn.Module):
 class MemberConv(MemberLayer):
     """M copies of ``nn.Conv1d``/``nn.Conv2d`` (zero padding only).
 
-    ``impl`` chooses how the per-member convolution runs (results agree to rounding):
-    ``"grouped"`` transposes ``[m·B, C, ...]`` to ``[B, m·C, ...]`` and runs ONE
-    convolution with ``groups = m·groups``; ``"loop"`` runs one convolution per member on
-    views. ``"auto"`` takes ``"grouped"`` on CUDA and, on CPU, when a group has at least
-    4 input channels — measured on this 2-core CPU (M=64, B=64, fwd+bwd): grouped is
-    2.4–3.7× faster than the loop for 16→32 and 32→32 channels, while for 1→16 channels
-    (a depthwise-like grouped conv, a slow oneDNN path) the loop is as fast or faster.
+    ``impl="grouped"`` (default): ONE convolution with ``groups = m·groups`` on the free
+    view ``[B, m·C, ...]`` of the folded input. ``impl="loop"``: one convolution per
+    member on strided slices, outputs stacked (kept for comparison and as a fallback).
     """
 
     def __init__(self, convs: Sequence[nn.Conv1d | nn.Conv2d], ctx: MemberContext,
-                 impl: str = "auto") -> None:
+                 impl: str = "grouped") -> None:
         super().__init__(ctx)
         c0 = convs[0]
         if c0.padding_mode != "zeros":
             raise ValueError(f"Ensemble: {type(c0).__name__}(padding_mode="
                              f"{c0.padding_mode!r}) is not supported; only zero padding is")
-        if isinstance(c0.padding, str) and c0.padding == "same" and any(
-                s != 1 for s in c0.stride):
-            raise ValueError("Ensemble: padding='same' needs stride 1")
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"Ensemble: conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
         self.kind = type(c0).__name__
         self.spatial = 1 if isinstance(c0, nn.Conv1d) else 2
         self.in_channels, self.out_channels = c0.in_channels, c0.out_channels
         self.kernel_size, self.stride, self.padding = c0.kernel_size, c0.stride, c0.padding
         self.dilation, self.groups = c0.dilation, c0.groups
-        if impl not in CONV_IMPLS:
-            raise ValueError(f"Ensemble: conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
         self.impl = impl
         n = len(convs)
         self.weight = _stacked_param([c.weight for c in convs], n)
@@ -156,35 +180,30 @@ class MemberConv(MemberLayer):
         fn = F.conv1d if self.spatial == 1 else F.conv2d
         return fn(x, w, b, self.stride, self.padding, self.dilation, groups)
 
-    def _use_grouped(self, x: Tensor) -> bool:
-        if self.impl != "auto":
-            return self.impl == "grouped"
-        return x.is_cuda or self.in_channels // self.groups >= 4
-
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
         w, b = self._p(self.weight), self._p(self.bias)
-        m = c.m
+        m, bsz, o = c.m, c.batch, self.out_channels
+        wf = w.reshape(m * o, *w.shape[2:])
+        bf = None if b is None else b.reshape(-1)
         if c.is_shared(x) and self.groups == 1:
-            # One convolution with the members' filters side by side: [B, m·O, ...].
-            y = self._conv(x, w.reshape(m * self.out_channels, *w.shape[2:]),
-                           None if b is None else b.reshape(-1), 1)
-            y = y.view(c.batch, m, self.out_channels, *y.shape[2:]).transpose(0, 1)
-            return y.reshape(m * c.batch, self.out_channels, *y.shape[3:])
-        x5 = c.member_view(x, self.kind)  # [m, B, C, ...]
-        if self._use_grouped(x):
-            xg = x5.transpose(0, 1).reshape(c.batch, m * self.in_channels, *x5.shape[3:])
-            y = self._conv(xg, w.reshape(m * self.out_channels, *w.shape[2:]),
-                           None if b is None else b.reshape(-1), m * self.groups)
-            y = y.view(c.batch, m, self.out_channels, *y.shape[2:]).transpose(0, 1)
-            return y.reshape(m * c.batch, self.out_channels, *y.shape[3:])
-        outs = [self._conv(x5[i], w[i], None if b is None else b[i], self.groups)
+            # members' filters side by side: [B, m·O, ...] == [B·m, O, ...]
+            y = self._conv(x, wf, bf, 1)
+            return _refold(y, bsz * m, o, *y.shape[2:])
+        x = c.folded(x, self.kind)
+        if self.impl == "grouped":
+            y = self._conv(x.view(bsz, m * self.in_channels, *x.shape[2:]), wf, bf,
+                           m * self.groups)
+            return _refold(y, bsz * m, o, *y.shape[2:])
+        x5 = x.view(bsz, m, *x.shape[1:])
+        outs = [self._conv(x5[:, i], w[i], None if b is None else b[i], self.groups)
                 for i in range(m)]
-        return torch.cat(outs, 0)
+        y = torch.stack(outs, 1)
+        return _refold(y, bsz * m, *y.shape[2:])
 
 
 class MemberLinear(MemberLayer):
-    """M copies of ``nn.Linear``: one batched GEMM (``baddbmm``) over the members."""
+    """M copies of ``nn.Linear``: one batched GEMM over the members."""
 
     def __init__(self, linears: Sequence[nn.Linear], ctx: MemberContext) -> None:
         super().__init__(ctx)
@@ -202,18 +221,21 @@ class MemberLinear(MemberLayer):
         w, b = self._p(self.weight), self._p(self.bias)
         m, o = c.m, self.out_features
         if c.is_shared(x):
-            # [N, F] @ [F, m·O]: the shared input is read once.
+            # [N, F] @ [F, m·O] → [B, ..., m·O]: the shared input is read once.
             y = x.reshape(-1, self.in_features) @ w.reshape(m * o, -1).t()
             if b is not None:
                 y = y + b.reshape(-1)
-            y = y.view(-1, m, o).transpose(0, 1)  # [m, N, O]
-            return y.reshape(m * c.batch, *x.shape[1:-1], o)
-        x3 = c.member_view(x, "Linear").reshape(m, -1, self.in_features)
+            y = y.view(c.batch, -1, m, o).transpose(1, 2)  # [B, m, ..., O]
+            return y.reshape(c.batch * m, *x.shape[1:-1], o)
+        x = c.folded(x, "Linear")
+        x3 = x.view(c.batch, m, -1, self.in_features).transpose(0, 1)  # [m, B, T, F] view
+        x3 = x3.reshape(m, -1, self.in_features)
         if b is None:
             y = torch.bmm(x3, w.transpose(1, 2))
         else:
-            y = torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
-        return y.view(m * c.batch, *x.shape[1:-1], o)
+            y = torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))  # [m, B·T, O]
+        y = y.view(m, c.batch, -1, o).transpose(0, 1)
+        return y.reshape(c.batch * m, *x.shape[1:-1], o)
 
 
 # ------------------------------------------------------------------------------------
@@ -221,51 +243,11 @@ class MemberLinear(MemberLayer):
 # ------------------------------------------------------------------------------------
 
 
-class _MemberBatchNormFn(torch.autograd.Function):
-    """Training-mode batch norm with per-(member, channel) batch statistics.
-
-    x: [m, B, C, L] (L = flattened spatial size, ≥ 1). Saves x, the mean and 1/σ (not
-    x̂: without affine the output IS x̂, and a following in-place ReLU would overwrite
-    it); the backward recomputes x̂ and applies the closed form
-    dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) with ĝ = dy·γ.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)  # [m,1,C,1]
-        invstd = torch.rsqrt(var + eps)
-        y = (x - mean) * invstd
-        if weight is not None:
-            y = y * weight[:, None, :, None]
-        if bias is not None:
-            y = y + bias[:, None, :, None]
-        ctx.save_for_backward(x, mean, invstd, weight)
-        ctx.has_bias = bias is not None
-        m, c = x.shape[0], x.shape[2]
-        return y, mean.view(m, c), var.view(m, c)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
-        x, mean, invstd, weight = ctx.saved_tensors
-        xhat = (x - mean) * invstd
-        dw = db = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = (dy * xhat).sum(dim=(1, 3))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(dim=(1, 3))
-        dx = None
-        if ctx.needs_input_grad[0]:
-            g = dy if weight is None else dy * weight[:, None, :, None]
-            mean_g = g.mean(dim=(1, 3), keepdim=True)
-            mean_gx = (g * xhat).mean(dim=(1, 3), keepdim=True)
-            dx = (g - mean_g - xhat * mean_gx) * invstd
-        return dx, dw, db, None
-
-
 class MemberBatchNorm(MemberLayer):
-    """M copies of ``nn.BatchNorm1d``/``nn.BatchNorm2d`` with per-member batch statistics
-    and running statistics (same update rule as torch: unbiased variance in the running
-    estimate, ``momentum=None`` → cumulative average over ``num_batches_tracked``)."""
+    """M copies of ``nn.BatchNorm1d``/``nn.BatchNorm2d``: torch's own batch norm over the
+    ``m·C`` channels of the free view ``[B, m·C, ...]`` — per-member, per-channel batch
+    statistics and running statistics (views of the ``[M, C]`` buffers), same update
+    rule as torch; ``momentum=None`` (cumulative average) is applied per member."""
 
     def __init__(self, norms: Sequence[nn.modules.batchnorm._BatchNorm],
                  ctx: MemberContext) -> None:
@@ -278,7 +260,7 @@ class MemberBatchNorm(MemberLayer):
         self.weight = _stacked_param([b.weight for b in norms], n)
         self.bias = _stacked_param([b.bias for b in norms], n)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            self.register_buffer(name, _stack([getattr(b, name) for b in norms], name))
+            self.register_buffer(name, _stack([getattr(b, name) for b in norms]))
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, members={self.ctx.n_members}, {self.num_features}, "
@@ -287,45 +269,39 @@ class MemberBatchNorm(MemberLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
-        x5 = c.member_view(x, self.kind)
-        if x5.dim() not in (3, 4, 5) or x5.shape[2] != self.num_features:
+        x = c.folded(x, self.kind)
+        if x.dim() not in (2, 3, 4) or x.shape[1] != self.num_features:
             raise ValueError(f"{self.kind}: expected [N, {self.num_features}, ...] input, "
-                             f"got per-member shape {list(x5.shape[1:])}")
-        x4 = x5.reshape(c.m, c.batch, self.num_features, -1)
+                             f"got per-member shape {[c.batch, *x.shape[1:]]}")
+        m = c.m
+        xc = x.view(c.batch, m * self.num_features, *x.shape[2:])
         w, b = self._p(self.weight), self._p(self.bias)
-        use_batch = self.training or self.running_mean is None
-        if use_batch:
-            if self.training and c.batch * x4.shape[3] <= 1:
-                raise ValueError(f"{self.kind}: expected more than 1 value per channel when "
-                                 f"training, got input of per-member shape "
-                                 f"{list(x5.shape[1:])}")
-            y, mean, var = _MemberBatchNormFn.apply(x4, w, b, self.eps)
-            if self.training and self.track_running_stats and self.running_mean is not None:
-                self._update_running(mean.detach(), var.detach(), x4.shape[1] * x4.shape[3])
+        w = None if w is None else w.reshape(-1)
+        b = None if b is None else b.reshape(-1)
+        rm, rv = self._p(self.running_mean), self._p(self.running_var)
+        training = self.training or rm is None
+        update = self.training and self.track_running_stats and rm is not None
+        if update:
+            nbt = self._p(self.num_batches_tracked)
+            nbt.add_(1)
+        if update and self.momentum is None:
+            y = F.batch_norm(xc, None, None, w, b, True, 0.0, self.eps)
+            self._cumulative_update(xc, rm, rv, nbt)
         else:
-            rm, rv = self._p(self.running_mean), self._p(self.running_var)
-            scale = torch.rsqrt(rv + self.eps)
-            shift = -rm * scale
-            if w is not None:
-                scale, shift = scale * w, shift * w
-            if b is not None:
-                shift = shift + b
-            y = x4 * scale[:, None, :, None] + shift[:, None, :, None]
-        return y.view(x5.shape).reshape(c.m * c.batch, *x5.shape[2:])
+            y = F.batch_norm(xc, None if rm is None else rm.view(-1),
+                             None if rv is None else rv.view(-1), w, b, training,
+                             0.0 if self.momentum is None else self.momentum, self.eps)
+        return _refold(y, *x.shape)
 
     @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, n: int) -> None:
-        nbt = self._p(self.num_batches_tracked)
-        nbt.add_(1)
-        unbiased = var * (n / (n - 1)) if n > 1 else var
-        rm, rv = self._p(self.running_mean), self._p(self.running_var)
-        if self.momentum is None:  # cumulative moving average, per member
-            f = (1.0 / nbt.double()).to(rm.dtype)[:, None]
-            rm.mul_(1 - f).add_(mean * f)
-            rv.mul_(1 - f).add_(unbiased * f)
-        else:
-            rm.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
-            rv.mul_(1 - self.momentum).add_(unbiased, alpha=self.momentum)
+    def _cumulative_update(self, xc: Tensor, rm: Tensor, rv: Tensor, nbt: Tensor) -> None:
+        """``momentum=None``: running = running + (batch − running) / num_batches_tracked,
+        per member (members may have seen different numbers of batches)."""
+        dims = [0, *range(2, xc.dim())]
+        var, mean = torch.var_mean(xc, dim=dims, unbiased=True)
+        f = (1.0 / nbt.double()).to(rm.dtype)[:, None]
+        rm.add_((mean.view_as(rm) - rm) * f)
+        rv.add_((var.view_as(rv) - rv) * f)
 
 
 class MemberGroupNorm(MemberLayer):
@@ -342,16 +318,9 @@ class MemberGroupNorm(MemberLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
-        x5 = c.member_view(x, "GroupNorm")
-        y = F.group_norm(x5.reshape(c.m * c.batch, *x5.shape[2:]), self.num_groups,
-                         eps=self.eps)
-        y = y.view(c.m, c.batch, self.num_channels, -1)
-        w, b = self._p(self.weight), self._p(self.bias)
-        if w is not None:
-            y = y * w[:, None, :, None]
-        if b is not None:
-            y = y + b[:, None, :, None]
-        return y.reshape(c.m * c.batch, *x5.shape[2:])
+        x = c.folded(x, "GroupNorm")
+        y = F.group_norm(x, self.num_groups, eps=self.eps)
+        return _affine(y, self._p(self.weight), self._p(self.bias), c.m, (self.num_channels,))
 
 
 class MemberLayerNorm(MemberLayer):
@@ -368,16 +337,20 @@ class MemberLayerNorm(MemberLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
-        x5 = c.member_view(x, "LayerNorm")
-        y = F.layer_norm(x5, self.normalized_shape, eps=self.eps)
+        x = c.folded(x, "LayerNorm")
+        y = F.layer_norm(x, self.normalized_shape, eps=self.eps)
         w, b = self._p(self.weight), self._p(self.bias)
+        if w is None and b is None:
+            return y
         k = len(self.normalized_shape)
-        mid = [1] * (y.dim() - 1 - k)  # batch and leading non-normalized dims
+        lead = y.shape[1:y.dim() - k]  # non-normalized dims between batch and the last k
+        y5 = y.view(c.batch, c.m, *y.shape[1:])
+        shape = (1, c.m, *([1] * len(lead)), *self.normalized_shape)
         if w is not None:
-            y = y * w.view(c.m, *mid, *self.normalized_shape)
+            y5 = y5 * w.view(shape)
         if b is not None:
-            y = y + b.view(c.m, *mid, *self.normalized_shape)
-        return y.reshape(c.m * c.batch, *x5.shape[2:])
+            y5 = y5 + b.view(shape)
+        return y5.view(y.shape)
 
 
 class MemberDropout(MemberLayer):
@@ -391,6 +364,5 @@ class MemberDropout(MemberLayer):
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
         if self.training and self.inner.p > 0 and c.is_shared(x):
-            x = c.member_view(x, type(self.inner).__name__).reshape(c.m * c.batch,
-                                                                      *x.shape[1:])
+            x = c.folded(x, type(self.inner).__name__)
         return self.inner(x)
