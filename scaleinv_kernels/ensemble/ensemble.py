@@ -94,18 +94,27 @@ class Ensemble(nn.Module):
                              f"{self.n_members}")
         return start, stop - start
 
-    def forward(self, x: Tensor, members: slice | range | None = None) -> Tensor:
-        """x: [m, B, ...] → [m, B, ...] (m = number of selected members)."""
+    def forward(self, x: Tensor, members: slice | range | None = None, *,
+                batch_major: bool = False) -> Tensor:
+        """x: [m, B, ...] → [m, B, ...] (m = number of selected members).
+
+        ``batch_major=True``: x is ``[B, m, ...]`` instead (e.g. gathered as
+        ``X[idx.t()]``), the ensemble's internal order, which saves one copy of the input;
+        the output is still ``[m, B, ...]``.
+        """
         start, m = self._select(members)
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != m:
+        dim = 1 if batch_major else 0
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[dim] != m:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            want = f"[B, {m}, ...]" if batch_major else f"[{m}, B, ...]"
             raise ValueError(
-                f"Ensemble: x must have shape [{m}, B, ...] (one batch per selected member), "
+                f"Ensemble: x must have shape {want} (one batch per selected member), "
                 f"got {shape}; for one batch shared by all members call "
                 "ens.forward_shared(x)")
-        batch = x.shape[1]
+        batch = x.shape[1 - dim]
         self._set(start, m, batch, shared=False)
-        out = self.net(self._ctx.fold(x))
+        folded = x.reshape(batch * m, *x.shape[2:]) if batch_major else self._ctx.fold(x)
+        out = self.net(folded)
         return self._unfold(out, m, batch)
 
     def forward_shared(self, x: Tensor, members: slice | range | None = None) -> Tensor:

@@ -118,8 +118,9 @@ class EnsembleTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for a in range(0, m, self.chunk_size):
                 b = min(m, a + self.chunk_size)
-                x, y = self.X[idx[a:b]], self.Y[idx[a:b]]  # [mc, bs, ...], [mc, bs]
-                out = ens(x, members=slice(a, b))
+                # gathered batch-major [bs, mc, ...]: the ensemble's internal order
+                x, y = self.X[idx[a:b].t()], self.Y[idx[a:b]]
+                out = ens(x, members=slice(a, b), batch_major=True)
                 per_sample = self.loss(out.reshape(-1, out.shape[-1]), y.reshape(-1),
                                        reduction="none")
                 member_loss = per_sample.view(b - a, -1).mean(1)

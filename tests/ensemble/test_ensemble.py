@@ -276,3 +276,14 @@ def test_bad_input_errors():
         Ensemble(lambda: MixesBatch("index"), 2)
     with pytest.raises(UnsupportedModuleError, match="Flatten\\(start_dim=0\\)"):
         Ensemble(lambda: nn.Sequential(nn.Linear(3, 3), nn.Flatten(0)), 2)
+
+
+def test_batch_major_input_equals_member_major():
+    gen = torch.Generator().manual_seed(5)
+    ens = Ensemble(normalized_cnn, 3, init="independent", seed=2)
+    x = torch.randn(3, 4, 1, 12, 12, generator=gen)
+    a = ens(x)
+    b = ens(x.transpose(0, 1).contiguous(), batch_major=True)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"\[B, 3, \.\.\.\]"):
+        ens(x, batch_major=True)
