@@ -46,8 +46,12 @@ from torch import nn
 
 from scaleinv_kernels.data import load_dataset
 from scaleinv_kernels.ensemble import Ensemble, EnsembleTrainer
-from scaleinv_kernels.ensemble.metrics import l1_distance, label_distribution, noise_floor
-from scaleinv_kernels.ensemble.metrics import predict
+from scaleinv_kernels.ensemble.metrics import (
+    l1_distance,
+    label_distribution,
+    noise_floor,
+    predict,
+)
 from scaleinv_kernels.experiments.common import (
     RunContext,
     cpu_rng_state,
