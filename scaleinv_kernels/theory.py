@@ -105,27 +105,32 @@ def predicted_effective_lr(lr: Scalar, weight_decay: Scalar, momentum: float = 0
                            unit_grad_norm: Scalar) -> Scalar:
     """Equilibrium effective learning rate η/‖w‖² of a scale-invariant weight:
 
-        η/‖w‖² = θ*/‖∇̃L‖ = √(2ηλ/(1+μ)) / ‖∇̃L‖,
+        η/‖w‖² = θ*·√(1−μ²) / ‖∇̃L‖ = √(2ηλ(1−μ)) / ‖∇̃L‖      (√(2ηλ)/‖∇̃L‖ for μ = 0),
 
-    with θ* from :func:`predicted_angular_update` and ``unit_grad_norm`` = ‖∇̃L‖ = ‖w‖·‖∇L(w)‖,
-    the gradient norm the weight would have at unit norm (measure it as ``grad_norm ×
-    weight_norm`` of :class:`~scaleinv_kernels.optim.LayerStats`).
+    with θ* = √(2ηλ/(1+μ)) from :func:`predicted_angular_update` and ``unit_grad_norm`` =
+    ‖∇̃L‖ = ‖w‖·‖∇L(w)‖, the gradient norm the weight would have at unit norm (measure it as
+    ``grad_norm × weight_norm`` of :class:`~scaleinv_kernels.optim.LayerStats`, averaged
+    over the window where you compare).
 
     Derivation. Without momentum the step is −η∇L with ‖∇L‖ = ‖∇̃L‖/‖w‖, so its angle is
-    θ = η‖∇L‖/‖w‖ = (η/‖w‖²)·‖∇̃L‖. Equating it with θ* = √(2ηλ) gives ‖w‖⁴ = η‖∇̃L‖²/(2λ)
-    (Li & Arora 2020; Wan et al. 2021). With momentum we keep θ = (η/‖w‖²)·‖∇̃L‖ and
-    θ* = √(2ηλ/(1+μ)) — i.e. ηλ is divided by (1+μ) exactly as in the angular update.
+    θ = η‖∇L‖/‖w‖ = (η/‖w‖²)·‖∇̃L‖; equating it with θ* = √(2ηλ) gives
+    ‖w‖⁴ = η‖∇̃L‖²/(2λ) (Li & Arora 2020; Wan et al. 2021). With momentum the step is
+    −η·b, b = Σ_k μ^k ∇L(w_{t−k}) (+ the small radial weight-decay part); when successive
+    mini-batch gradients are uncorrelated, ‖b‖² ≈ ‖∇L‖²/(1−μ²), so θ = (η/‖w‖²)·‖∇̃L‖/√(1−μ²)
+    and, with θ = θ*, η/‖w‖² = θ*·√(1−μ²)/‖∇̃L‖. (Naively dividing ηλ by 1+μ, i.e. using
+    θ = η_eff‖∇̃L‖ also with momentum, overestimates η/‖w‖² by 1/√(1−μ²), 2.3× at μ = 0.9;
+    the ``equilibrium-norm`` experiment and tests/test_theory.py measure the √(1−μ²) form.)
 
-    Assumptions: steady state (after ≈ 1/(ηλ) steps); ‖∇̃L‖ roughly constant over the
-    window (pass its mean over that window); for μ > 0 the relation θ = η_eff‖∇̃L‖ is an
-    approximation (the step is a momentum average of past gradients, whose norm differs from
-    ‖∇L‖ by a factor between √(1/(1−μ²)) for uncorrelated and 1/(1−μ) for aligned gradients),
-    so the μ > 0 prediction is only an order-of-magnitude statement; without momentum it
-    is accurate to O(ηλ). ``unit_grad_norm`` > 0.
+    Assumptions: steady state (after ≈ (1−μ)/(ηλ) steps); ‖∇̃L‖ roughly constant over the
+    window; for μ > 0, gradient noise dominating the mean gradient (uncorrelated successive
+    gradients; fully aligned ones would give the factor 1−μ instead of √(1−μ²)). Accurate to
+    O(ηλ) without momentum. ``lr``, ``weight_decay`` ≥ 0 (floats or tensors),
+    0 ≤ ``momentum`` < 1, ``unit_grad_norm`` > 0.
     """
     fn = "predicted_effective_lr"
     _check("unit_grad_norm", unit_grad_norm, low=0.0, low_open=True, fn=fn)
-    return predicted_angular_update(lr, weight_decay, momentum) / unit_grad_norm
+    theta = predicted_angular_update(lr, weight_decay, momentum)
+    return theta * math.sqrt(1.0 - float(momentum) ** 2) / unit_grad_norm
 
 
 # ---------------------------------------------------------------------------------------
