@@ -26,14 +26,20 @@ def make(m=3, chunk=None, lr=0.1, wd=1e-2, seed=0):
                                      progress=False)
 
 
-def test_each_member_trains_like_a_single_model():
+@pytest.mark.parametrize("per_member", [False, True], ids=["scalar-hparams", "per-member"])
+def test_each_member_trains_like_a_single_model(per_member):
     ens, opt, trainer = make()
     members = [ens.member(i) for i in range(3)]
-    trainer.fit(2)
+    lrs, wds = [0.1, 0.05, 0.2], [1e-2, 0.0, 3e-2]
+    if per_member:  # three schedules in one process
+        trainer.fit(2, schedule=lambda e: (torch.tensor(lrs), torch.tensor(wds)))
+    else:
+        lrs, wds = [0.1] * 3, [1e-2] * 3
+        trainer.fit(2)
     X, Y = data()
     for i, model in enumerate(members):
-        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2,
-                              foreach=False)
+        sgd = torch.optim.SGD(model.parameters(), lr=lrs[i], momentum=0.9,
+                              weight_decay=wds[i], foreach=False)
         for epoch in range(2):
             perm = trainer.permutations(epoch, [i])[0]
             for s in range(math.ceil(len(X) / 16)):
