@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.scaleinv-installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo demo-stats clean
 
 install: $(STAMP)
 
@@ -26,8 +26,15 @@ bench: $(STAMP)
 	SCALEINV_REQUIRE_EXT=1 $(PY) -m pytest -q benchmarks --benchmark-only \
 		--benchmark-json=.benchmarks/latest.json -p no:cacheprovider
 	$(PY) benchmarks/report.py .benchmarks/latest.json
+	cd benchmarks && ../$(PY) ensemble_report.py
 
+# Fig. 4 of the paper, quick preset: writes out/fig4-equilibrium/{figure.png,result.json}
 demo: $(STAMP)
+	SCALEINV_REQUIRE_EXT=1 $(PY) -m scaleinv_kernels.experiments fig4-equilibrium \
+		--preset quick --out out
+
+# the FusedSGDWD statistics demo: writes out/demo/{stats.png,result.json}
+demo-stats: $(STAMP)
 	SCALEINV_REQUIRE_EXT=1 $(PY) -m scaleinv_kernels.experiments.demo --out out/demo
 
 clean:
