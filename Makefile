@@ -26,7 +26,7 @@ bench: $(STAMP)
 	SCALEINV_REQUIRE_EXT=1 $(PY) -m pytest -q benchmarks --benchmark-only \
 		--benchmark-json=.benchmarks/latest.json -p no:cacheprovider
 	$(PY) benchmarks/report.py .benchmarks/latest.json
-	cd benchmarks && ../$(PY) ensemble_report.py
+	$(PY) benchmarks/ensemble_report.py
 
 # Fig. 4 of the paper, quick preset: writes out/fig4-equilibrium/{figure.png,result.json}
 demo: $(STAMP)
