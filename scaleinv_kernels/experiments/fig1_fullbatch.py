@@ -64,7 +64,7 @@ USES_DATA = True
 _BASE = dict(lr=1.0, weight_decay=0.01, fc_scale=10.0, checkpoint_every=10)
 PRESETS = {
     "smoke": {**_BASE, "n_train": 100, "downsample": 2, "weight_decay": 0.05,
-              "epochs": 120, "wd_off_epoch": 70, "converge_window": 20, "checkpoint_every": 1},
+              "epochs": 120, "wd_off_epoch": 70, "converge_window": 20, "checkpoint_every": 5},
     "quick": {**_BASE, "n_train": 1000, "downsample": 2, "epochs": 280, "wd_off_epoch": 170,
               "converge_window": 50},
     "full": {**_BASE, "n_train": 1000, "downsample": 1, "epochs": 1000, "wd_off_epoch": 600,
