@@ -15,6 +15,19 @@ TORCH_LIBRARY(scaleinv, m) {
       "bool[] fresh_buffers, Tensor(c!) stats, int[] stats_rows, int[] segments, "
       "Tensor? lr_tensor, Tensor? segment_hparams, float lr, float weight_decay, float momentum, float dampening, "
       "bool nesterov, bool maximize) -> ()");
+
+  // Fused BatchNorm (training: batch statistics over (N, H, W); eval: the given mean and
+  // invstd) -> ReLU (if relu) -> 2x2 max pool (if pool == 2) over NCHW; `index` holds the
+  // argmax's position 0..3 in each window (uint8, empty without pool).
+  // See scaleinv_kernels/ops/norm_act.py for the full contract.
+  m.def(
+      "bn_act_pool(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, "
+      "float eps, bool relu, int pool) -> (Tensor out, Tensor save_mean, Tensor save_invstd, "
+      "Tensor index)");
+  m.def(
+      "bn_act_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, Tensor out, Tensor index, bool training, bool relu, int pool, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor? grad_weight, Tensor? grad_bias)");
 }
 
 // An importable (empty) Python module, so that `import scaleinv_kernels._C` loads this

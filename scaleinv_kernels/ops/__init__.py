@@ -1,6 +1,7 @@
 """One op per file: schema (csrc/registration.cpp), plain-torch reference, Triton
 kernel and dispatch."""
 
+from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
 from scaleinv_kernels.ops.sgd_wd import sgd_wd_, sgd_wd_reference
 
-__all__ = ["sgd_wd_", "sgd_wd_reference"]
+__all__ = ["bn_act_pool", "bn_act_pool_reference", "sgd_wd_", "sgd_wd_reference"]

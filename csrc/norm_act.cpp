@@ -1,0 +1,593 @@
+// Fused BatchNorm (train or eval) -> ReLU -> MaxPool2d(2) over NCHW, forward and
+// backward, on CPU. See scaleinv_kernels/ops/norm_act.py for the contract.
+//
+// Layout of the work: one at::parallel_for over channels. A channel is N strided planes
+// of H*W elements; its data (N*H*W*4 bytes, e.g. 200 KB for N=64, 28x28) stays in L2
+// between the passes over it, so
+//   forward  (training): stats pass (reads x from memory) + normalize/ReLU/pool pass
+//                        (x from cache) writing out (1/4) and the uint8 window index;
+//   backward (training): reduction over the pooled positions (grad_out, index, out and
+//                        x at the argmax) + one pass writing dx (x from cache).
+// Eval mode needs no statistics pass; the forward then runs over (n, c) planes.
+//
+// Statistics are accumulated in fp64 (shifted by the channel's first element, so the
+// single-pass variance does not cancel), as torch's CPU batch norm accumulates in fp64.
+// The loops are plain C++ written for the vectoriser; AVX2/AVX-512 builds of the same
+// code are picked at run time from ATen's CPU capability (no -march flags needed).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+namespace scaleinv {
+namespace {
+
+#define NA_INLINE inline __attribute__((always_inline))
+
+// Geometry of one call: x is [N, C, H, W] (H = 1 for 3-D [N, C, L], H = W = 1 for 2-D).
+struct Geo {
+  int64_t N, C, H, W, HW, Ho, Wo, HWo;
+  int pool;   // 0 or 2
+  bool relu;
+};
+
+// ---- forward ---------------------------------------------------------------------
+
+// Mean and 1/sqrt(var + eps) of channel c (biased variance) over its N planes.
+template <typename T>
+NA_INLINE void channel_stats(const T* __restrict__ x, const Geo& g, int64_t c, double eps,
+                             double* mean, double* invstd) {
+  const T* base = x + c * g.HW;
+  const double shift = static_cast<double>(base[0]);
+  double s = 0, ss = 0;
+  for (int64_t n = 0; n < g.N; ++n) {
+    const T* __restrict__ p = base + n * g.C * g.HW;
+#pragma omp simd reduction(+ : s, ss)
+    for (int64_t i = 0; i < g.HW; ++i) {
+      const double d = static_cast<double>(p[i]) - shift;
+      s += d;
+      ss += d * d;
+    }
+  }
+  const double cnt = static_cast<double>(g.N * g.HW);
+  const double m = s / cnt;
+  const double var = std::max(ss / cnt - m * m, 0.0);
+  *mean = shift + m;
+  *invstd = 1.0 / std::sqrt(var + eps);
+}
+
+template <typename T>
+NA_INLINE T relu_keep_nan(T v) {
+  return v < T(0) ? T(0) : v;  // NaN and -0.0 pass unchanged, like torch.relu
+}
+
+// y = relu?(x * alpha + beta), then 2x2 max pool with torch's tie/NaN rule (first max in
+// row-major window order wins; a NaN replaces the running max), over one plane.
+template <typename T, bool RELU>
+NA_INLINE void plane_pool(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ ind,
+                          const Geo& g, T alpha, T beta) {
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const T* __restrict__ r0 = x + 2 * oh * g.W;
+    const T* __restrict__ r1 = r0 + g.W;
+    T* __restrict__ o = out + oh * g.Wo;
+    uint8_t* __restrict__ k = ind + oh * g.Wo;
+#pragma omp simd
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      T v0 = r0[2 * ow] * alpha + beta, v1 = r0[2 * ow + 1] * alpha + beta;
+      T v2 = r1[2 * ow] * alpha + beta, v3 = r1[2 * ow + 1] * alpha + beta;
+      if constexpr (RELU) {
+        v0 = relu_keep_nan(v0);
+        v1 = relu_keep_nan(v1);
+        v2 = relu_keep_nan(v2);
+        v3 = relu_keep_nan(v3);
+      }
+      T best = v0;
+      uint8_t idx = 0;
+      bool up = (v1 > best) | (v1 != v1);
+      best = up ? v1 : best;
+      idx = up ? uint8_t(1) : idx;
+      up = (v2 > best) | (v2 != v2);
+      best = up ? v2 : best;
+      idx = up ? uint8_t(2) : idx;
+      up = (v3 > best) | (v3 != v3);
+      best = up ? v3 : best;
+      idx = up ? uint8_t(3) : idx;
+      o[ow] = best;
+      k[ow] = idx;
+    }
+  }
+}
+
+template <typename T, bool RELU>
+NA_INLINE void plane_nopool(const T* __restrict__ x, T* __restrict__ out, const Geo& g, T alpha,
+                            T beta) {
+#pragma omp simd
+  for (int64_t i = 0; i < g.HW; ++i) {
+    T v = x[i] * alpha + beta;
+    if constexpr (RELU) v = relu_keep_nan(v);
+    out[i] = v;
+  }
+}
+
+template <typename T>
+NA_INLINE void plane_forward(const T* x, T* out, uint8_t* ind, const Geo& g, int64_t n,
+                             int64_t c, T alpha, T beta) {
+  const int64_t plane = n * g.C + c;
+  if (g.pool == 2) {
+    if (g.relu)
+      plane_pool<T, true>(x + plane * g.HW, out + plane * g.HWo, ind + plane * g.HWo, g, alpha,
+                          beta);
+    else
+      plane_pool<T, false>(x + plane * g.HW, out + plane * g.HWo, ind + plane * g.HWo, g, alpha,
+                           beta);
+  } else {
+    if (g.relu)
+      plane_nopool<T, true>(x + plane * g.HW, out + plane * g.HW, g, alpha, beta);
+    else
+      plane_nopool<T, false>(x + plane * g.HW, out + plane * g.HW, g, alpha, beta);
+  }
+}
+
+template <typename T>
+struct FwdArgs {
+  const T* x;
+  const T* w;  // nullable
+  const T* b;  // nullable
+  const T* mean_in;    // eval mode: given statistics (nullable)
+  const T* invstd_in;
+  T* out;
+  uint8_t* ind;
+  T* save_mean;
+  T* save_invstd;
+  double eps;
+  Geo g;
+};
+
+// alpha/beta exactly as torch's CPU batch norm forms them: alpha = invstd * w,
+// beta = b - mean * alpha.
+template <typename T>
+NA_INLINE void affine(const FwdArgs<T>& a, int64_t c, T mean, T invstd, T* alpha, T* beta) {
+  const T w = a.w ? a.w[c] : T(1);
+  const T b = a.b ? a.b[c] : T(0);
+  *alpha = invstd * w;
+  *beta = b - mean * *alpha;
+}
+
+template <typename T>
+NA_INLINE void forward_channels(const FwdArgs<T>& a, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    double m, is;
+    channel_stats(a.x, a.g, c, a.eps, &m, &is);
+    a.save_mean[c] = static_cast<T>(m);
+    a.save_invstd[c] = static_cast<T>(is);
+    T alpha, beta;
+    affine(a, c, static_cast<T>(m), static_cast<T>(is), &alpha, &beta);
+    for (int64_t n = 0; n < a.g.N; ++n) plane_forward(a.x, a.out, a.ind, a.g, n, c, alpha, beta);
+  }
+}
+
+template <typename T>
+NA_INLINE void forward_planes(const FwdArgs<T>& a, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / a.g.C, c = p % a.g.C;
+    T alpha, beta;
+    affine(a, c, a.mean_in[c], a.invstd_in[c], &alpha, &beta);
+    plane_forward(a.x, a.out, a.ind, a.g, n, c, alpha, beta);
+  }
+}
+
+// ---- backward --------------------------------------------------------------------
+
+template <typename T>
+struct BwdArgs {
+  const T* gout;
+  const T* x;
+  const T* w;  // nullable
+  const T* mean;
+  const T* invstd;
+  const T* out;
+  const uint8_t* ind;
+  T* dx;
+  double* sums;  // [C, 2]: sum(g), sum(g * xhat)
+  bool training, need_sums;
+  Geo g;
+};
+
+// sum(g) and sum(g * xhat) of channel c, g = grad_out routed to the argmax (masked by
+// out > 0 with relu); only the pooled positions carry a gradient.
+template <typename T>
+NA_INLINE void channel_sums(const BwdArgs<T>& a, int64_t c, double* s1_out, double* s2_out) {
+  const Geo& g = a.g;
+  const double mean = a.mean[c];
+  double s1 = 0, s2 = 0;
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t plane = n * g.C + c;
+    const T* __restrict__ x = a.x + plane * g.HW;
+    if (g.pool == 2) {
+      const T* __restrict__ go = a.gout + plane * g.HWo;
+      const T* __restrict__ o = a.out + plane * g.HWo;
+      const uint8_t* __restrict__ k = a.ind + plane * g.HWo;
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          const int64_t j = oh * g.Wo + ow;
+          double gv = static_cast<double>(go[j]);
+          if (g.relu) gv = o[j] > T(0) ? gv : 0.0;
+          const int kk = k[j];
+          const double xv = x[(2 * oh + (kk >> 1)) * g.W + 2 * ow + (kk & 1)];
+          s1 += gv;
+          s2 += gv * (xv - mean);
+        }
+      }
+    } else {
+      const T* __restrict__ go = a.gout + plane * g.HW;
+      const T* __restrict__ o = a.out + plane * g.HW;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t i = 0; i < g.HW; ++i) {
+        double gv = static_cast<double>(go[i]);
+        if (g.relu) gv = o[i] > T(0) ? gv : 0.0;
+        s1 += gv;
+        s2 += gv * (static_cast<double>(x[i]) - mean);
+      }
+    }
+  }
+  const double invstd = a.invstd[c];
+  *s1_out = s1;
+  *s2_out = s2 * invstd;
+}
+
+// dx = a*g + k0 + k2*(x - mean) over one plane (k0 = k2 = 0 in eval mode).
+template <typename T>
+NA_INLINE void plane_dx(const BwdArgs<T>& a, int64_t n, int64_t c, T scale, T k0, T k2) {
+  const Geo& g = a.g;
+  const int64_t plane = n * g.C + c;
+  const T* __restrict__ x = a.x + plane * g.HW;
+  T* __restrict__ dx = a.dx + plane * g.HW;
+  const T mean = a.mean[c];
+  if (a.training) {
+#pragma omp simd
+    for (int64_t i = 0; i < g.HW; ++i) dx[i] = k0 + k2 * (x[i] - mean);
+  } else {
+    std::fill(dx, dx + g.HW, T(0));
+  }
+  if (g.pool == 2) {
+    const T* __restrict__ go = a.gout + plane * g.HWo;
+    const T* __restrict__ o = a.out + plane * g.HWo;
+    const uint8_t* __restrict__ k = a.ind + plane * g.HWo;
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        const int64_t j = oh * g.Wo + ow;
+        T gv = go[j];
+        if (g.relu) gv = o[j] > T(0) ? gv : T(0);
+        const int kk = k[j];
+        dx[(2 * oh + (kk >> 1)) * g.W + 2 * ow + (kk & 1)] += scale * gv;
+      }
+    }
+  } else {
+    const T* __restrict__ go = a.gout + plane * g.HW;
+    const T* __restrict__ o = a.out + plane * g.HW;
+#pragma omp simd
+    for (int64_t i = 0; i < g.HW; ++i) {
+      T gv = go[i];
+      if (g.relu) gv = o[i] > T(0) ? gv : T(0);
+      dx[i] += scale * gv;
+    }
+  }
+}
+
+template <typename T>
+NA_INLINE void backward_channels(const BwdArgs<T>& a, int64_t c0, int64_t c1) {
+  const double cnt = static_cast<double>(a.g.N * a.g.HW);
+  for (int64_t c = c0; c < c1; ++c) {
+    double s1 = 0, s2 = 0;  // s2 = sum(g * xhat)
+    if (a.need_sums) {
+      channel_sums(a, c, &s1, &s2);
+      a.sums[2 * c] = s1;
+      a.sums[2 * c + 1] = s2;
+    }
+    const double invstd = a.invstd[c];
+    const double scale = invstd * (a.w ? static_cast<double>(a.w[c]) : 1.0);
+    double k0 = 0, k2 = 0;
+    if (a.training) {  // dx = scale * (g - s1/cnt - xhat * s2/cnt)
+      k0 = -scale * s1 / cnt;
+      k2 = -scale * invstd * s2 / cnt;
+    }
+    for (int64_t n = 0; n < a.g.N; ++n)
+      plane_dx(a, n, c, static_cast<T>(scale), static_cast<T>(k0), static_cast<T>(k2));
+  }
+}
+
+// ---- instruction-set builds ------------------------------------------------------
+// Whole functions with a target attribute (the always_inline bodies above are compiled
+// into each); the one matching ATen's CPU capability runs.
+
+template <typename T>
+void fwd_ch_default(const FwdArgs<T>& a, int64_t lo, int64_t hi) { forward_channels(a, lo, hi); }
+template <typename T>
+void fwd_pl_default(const FwdArgs<T>& a, int64_t lo, int64_t hi) { forward_planes(a, lo, hi); }
+template <typename T>
+void bwd_ch_default(const BwdArgs<T>& a, int64_t lo, int64_t hi) { backward_channels(a, lo, hi); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define NA_HAVE_X86_CLONES 1
+#define NA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define NA_AVX2 __attribute__((target("avx2,fma,f16c")))
+template <typename T>
+NA_AVX512 void fwd_ch_avx512(const FwdArgs<T>& a, int64_t lo, int64_t hi) {
+  forward_channels(a, lo, hi);
+}
+template <typename T>
+NA_AVX512 void fwd_pl_avx512(const FwdArgs<T>& a, int64_t lo, int64_t hi) {
+  forward_planes(a, lo, hi);
+}
+template <typename T>
+NA_AVX512 void bwd_ch_avx512(const BwdArgs<T>& a, int64_t lo, int64_t hi) {
+  backward_channels(a, lo, hi);
+}
+template <typename T>
+NA_AVX2 void fwd_ch_avx2(const FwdArgs<T>& a, int64_t lo, int64_t hi) {
+  forward_channels(a, lo, hi);
+}
+template <typename T>
+NA_AVX2 void fwd_pl_avx2(const FwdArgs<T>& a, int64_t lo, int64_t hi) {
+  forward_planes(a, lo, hi);
+}
+template <typename T>
+NA_AVX2 void bwd_ch_avx2(const BwdArgs<T>& a, int64_t lo, int64_t hi) {
+  backward_channels(a, lo, hi);
+}
+#else
+template <typename T>
+void fwd_ch_avx512(const FwdArgs<T>& a, int64_t lo, int64_t hi) { forward_channels(a, lo, hi); }
+template <typename T>
+void fwd_pl_avx512(const FwdArgs<T>& a, int64_t lo, int64_t hi) { forward_planes(a, lo, hi); }
+template <typename T>
+void bwd_ch_avx512(const BwdArgs<T>& a, int64_t lo, int64_t hi) { backward_channels(a, lo, hi); }
+template <typename T>
+void fwd_ch_avx2(const FwdArgs<T>& a, int64_t lo, int64_t hi) { forward_channels(a, lo, hi); }
+template <typename T>
+void fwd_pl_avx2(const FwdArgs<T>& a, int64_t lo, int64_t hi) { forward_planes(a, lo, hi); }
+template <typename T>
+void bwd_ch_avx2(const BwdArgs<T>& a, int64_t lo, int64_t hi) { backward_channels(a, lo, hi); }
+#endif
+
+int isa_level() {  // 0 default, 1 AVX2, 2 AVX-512
+  static const int level = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return 2;
+    if (cap == "AVX2") return 1;
+    return 0;
+  }();
+  return level;
+}
+
+template <typename A>
+using RangeFn = void (*)(const A&, int64_t, int64_t);
+
+template <typename A>
+RangeFn<A> pick(RangeFn<A> dflt, RangeFn<A> avx2, RangeFn<A> avx512) {
+#ifdef NA_HAVE_X86_CLONES
+  const int l = isa_level();
+  return l == 2 ? avx512 : l == 1 ? avx2 : dflt;
+#else
+  (void)avx2;
+  (void)avx512;
+  return dflt;
+#endif
+}
+
+// Grain sizes: enough work per task that a task is not dominated by scheduling.
+int64_t grain(int64_t per_item, int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(items, (1 << 16) / std::max<int64_t>(1, per_item)));
+}
+
+// ---- validation ------------------------------------------------------------------
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+Geo check_x(const char* op, const at::Tensor& x, int64_t pool, bool relu) {
+  TORCH_CHECK_VALUE(pool == 0 || pool == 2, op, "pool must be 0 (none) or 2 (2x2 max pool), got ",
+                    pool);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.layout() == at::kStrided && x.device().is_cpu(), op,
+                    "x must be a dense CPU tensor");
+  if (pool == 2) {
+    TORCH_CHECK_VALUE(x.dim() == 4, op, "pool=2 needs a 4-D x [N, C, H, W], got shape ",
+                      shape_str(x));
+  } else {
+    TORCH_CHECK_VALUE(x.dim() >= 2 && x.dim() <= 4, op,
+                      "x must be [N, C], [N, C, L] or [N, C, H, W], got shape ", shape_str(x));
+  }
+  Geo g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.dim() == 4 ? x.size(2) : 1;
+  g.W = x.dim() >= 3 ? x.size(-1) : 1;
+  g.HW = g.H * g.W;
+  g.pool = static_cast<int>(pool);
+  g.relu = relu;
+  if (pool == 2) {
+    g.Ho = g.H / 2;
+    g.Wo = g.W / 2;
+    TORCH_CHECK_VALUE(g.Ho > 0 && g.Wo > 0, op, "pool=2 needs H >= 2 and W >= 2, got shape ",
+                      shape_str(x));
+  } else {
+    g.Ho = g.H;
+    g.Wo = g.W;
+  }
+  g.HWo = g.Ho * g.Wo;
+  return g;
+}
+
+void check_vec(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+               int64_t C) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, op, name, " must have shape [C] = [", C,
+                    "], got ", shape_str(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, name, " must have x's dtype ",
+                   x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device() && t.layout() == at::kStrided, op, name,
+                    " must be a dense tensor on x's device");
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// ---- ops -------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& invstd, double eps, bool relu, int64_t pool) {
+  const char* op = "scaleinv::bn_act_pool: ";
+  const Geo g = check_x(op, x_in, pool, relu);
+  TORCH_CHECK_VALUE(mean.has_value() == invstd.has_value(), op,
+                    "give both mean and invstd (eval mode) or neither (training mode)");
+  const bool training = !mean.has_value();
+  std::optional<at::Tensor> w, b, m, is;
+  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
+  if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
+  if (!training) {
+    check_vec(op, "mean", *mean, x_in, g.C);
+    check_vec(op, "invstd", *invstd, x_in, g.C);
+    m = mean->contiguous();
+    is = invstd->contiguous();
+  } else {
+    TORCH_CHECK_VALUE(eps >= 0, op, "eps must be >= 0, got ", eps);
+    TORCH_CHECK_VALUE(g.N * g.HW > 1, op,
+                      "training needs more than 1 value per channel (N*H*W > 1), got shape ",
+                      shape_str(x_in));
+  }
+  const at::Tensor x = x_in.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  if (pool == 2) {
+    out_shape[2] = g.Ho;
+    out_shape[3] = g.Wo;
+  }
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor index = pool == 2 ? at::empty(out_shape, x.options().dtype(at::kByte))
+                               : at::empty({0}, x.options().dtype(at::kByte));
+  at::Tensor save_mean, save_invstd;
+  if (training) {
+    save_mean = at::empty({g.C}, x.options());
+    save_invstd = at::empty({g.C}, x.options());
+  } else {
+    save_mean = m->clone();
+    save_invstd = is->clone();
+  }
+  if (x.numel() == 0) return {out, save_mean, save_invstd, index};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::bn_act_pool", [&] {
+    FwdArgs<scalar_t> a{x.const_data_ptr<scalar_t>(),
+                        ptr_or_null<scalar_t>(w),
+                        ptr_or_null<scalar_t>(b),
+                        ptr_or_null<scalar_t>(m),
+                        ptr_or_null<scalar_t>(is),
+                        out.data_ptr<scalar_t>(),
+                        pool == 2 ? index.data_ptr<uint8_t>() : nullptr,
+                        save_mean.data_ptr<scalar_t>(),
+                        save_invstd.data_ptr<scalar_t>(),
+                        eps,
+                        g};
+    if (training) {
+      auto fn = pick<FwdArgs<scalar_t>>(&fwd_ch_default<scalar_t>, &fwd_ch_avx2<scalar_t>,
+                                        &fwd_ch_avx512<scalar_t>);
+      at::parallel_for(0, g.C, grain(g.N * g.HW, g.C),
+                       [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    } else {
+      auto fn = pick<FwdArgs<scalar_t>>(&fwd_pl_default<scalar_t>, &fwd_pl_avx2<scalar_t>,
+                                        &fwd_pl_avx512<scalar_t>);
+      at::parallel_for(0, g.N * g.C, grain(g.HW, g.N * g.C),
+                       [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    }
+  });
+  return {out, save_mean, save_invstd, index};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
+bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                         const at::Tensor& save_invstd, const at::Tensor& out_in,
+                         const at::Tensor& index_in, bool training, bool relu, int64_t pool,
+                         std::array<bool, 3> output_mask) {
+  const char* op = "scaleinv::bn_act_pool_backward: ";
+  const Geo g = check_x(op, x_in, pool, relu);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  if (pool == 2) {
+    out_shape[2] = g.Ho;
+    out_shape[3] = g.Wo;
+  }
+  TORCH_CHECK_VALUE(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
+                        out_in.sizes() == at::IntArrayRef(out_shape),
+                    op, "grad_out and out must have the output's shape ", at::IntArrayRef(out_shape),
+                    ", got ", shape_str(grad_out_in), " and ", shape_str(out_in));
+  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type() &&
+                       out_in.scalar_type() == x_in.scalar_type(),
+                   op, "grad_out and out must have x's dtype ", x_in.scalar_type());
+  if (pool == 2) {
+    TORCH_CHECK_VALUE(index_in.sizes() == at::IntArrayRef(out_shape) &&
+                          index_in.scalar_type() == at::kByte,
+                      op, "index must be uint8 of the output's shape ", at::IntArrayRef(out_shape),
+                      ", got ", index_in.scalar_type(), " ", shape_str(index_in));
+  }
+  std::optional<at::Tensor> w;
+  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
+  check_vec(op, "save_mean", save_mean, x_in, g.C);
+  check_vec(op, "save_invstd", save_invstd, x_in, g.C);
+  const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
+                   out = out_in.contiguous(), mean = save_mean.contiguous(),
+                   invstd = save_invstd.contiguous();
+  const at::Tensor index = pool == 2 ? index_in.contiguous() : index_in;
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  const bool need_sums = training || output_mask[1] || output_mask[2];
+  at::Tensor sums = at::zeros({g.C, 2}, x.options().dtype(at::kDouble));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::bn_act_pool_backward", [&] {
+      BwdArgs<scalar_t> a{gout.const_data_ptr<scalar_t>(),
+                          x.const_data_ptr<scalar_t>(),
+                          ptr_or_null<scalar_t>(w),
+                          mean.const_data_ptr<scalar_t>(),
+                          invstd.const_data_ptr<scalar_t>(),
+                          out.const_data_ptr<scalar_t>(),
+                          pool == 2 ? index.const_data_ptr<uint8_t>() : nullptr,
+                          dx.data_ptr<scalar_t>(),
+                          sums.data_ptr<double>(),
+                          training,
+                          need_sums,
+                          g};
+      auto fn = pick<BwdArgs<scalar_t>>(&bwd_ch_default<scalar_t>, &bwd_ch_avx2<scalar_t>,
+                                        &bwd_ch_avx512<scalar_t>);
+      at::parallel_for(0, g.C, grain(g.N * g.HW, g.C),
+                       [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    });
+  }
+  std::optional<at::Tensor> gw, gb;
+  if (output_mask[1]) gw = sums.select(1, 1).contiguous().to(x.scalar_type());
+  if (output_mask[2]) gb = sums.select(1, 0).contiguous().to(x.scalar_type());
+  return {dx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(scaleinv, CPU, m) {
+  m.impl("bn_act_pool", &bn_act_pool_cpu);
+  m.impl("bn_act_pool_backward", &bn_act_pool_backward_cpu);
+}
+
+}  // namespace scaleinv
