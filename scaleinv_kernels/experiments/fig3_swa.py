@@ -134,7 +134,7 @@ def plot(result: dict, path: Path) -> None:
                  title="snapshots vs SWA (BN recomputed)")
     lag = result["distance_vs_lag"]
     ax[0, 1].plot(range(1, len(lag) + 1), lag, "o-", ms=3)
-    ax[0, 1].set(xlabel="lag Δ [epochs]", ylabel="mean ‖w_t − w_{t+Δ}‖",
+    ax[0, 1].set(xlabel="lag Δ [epochs]", ylabel="mean ‖w(t) − w(t+Δ)‖",
                  title=f"distance vs lag (from epoch {c['distance_from']}); "
                        f"monotone: {result['monotone']}")
     for a in ax[0]:

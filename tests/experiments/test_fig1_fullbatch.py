@@ -112,3 +112,31 @@ def test_resume_after_sigkill_is_exact(tmp_path, smoke):
     for r in (resumed, smoke):
         r.pop("runtime_s")
     assert resumed == smoke  # every curve and float exactly equal
+
+
+def test_cifar10_uses_the_normalized_resnet(tmp_path, one_thread):
+    import pickle
+
+    import numpy as np
+
+    from scaleinv_kernels.experiments import fig1_fullbatch
+    from scaleinv_kernels.experiments.common import RunContext
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8),
+                         b"labels": [int(v) for v in rng.integers(0, 10, 4)]}, f)
+    config = {**PRESETS["smoke"], "n_train": 16, "downsample": 1, "epochs": 3,
+              "wd_off_epoch": 2, "converge_window": 1}
+    ctx = RunContext(name=NAME, preset="smoke", config=config, out=tmp_path / "out",
+                     device=torch.device("cpu"), seed=0, data="cifar10", data_root=tmp_path,
+                     progress=False)
+    r = fig1_fullbatch.run(ctx)
+    assert len(r["train_acc"]) == 3
+    # stem + 3 stages of one block (two convs each) + the two downsampling shortcuts
+    assert len(r["effective_lr"]) == 1 + 3 * 2 + 2
+    with pytest.raises(ValueError, match="training images"):
+        fig1_fullbatch.run(RunContext(**{**ctx.__dict__, "config": {**config, "n_train": 99}}))
