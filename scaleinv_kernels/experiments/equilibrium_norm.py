@@ -44,7 +44,7 @@ _COMBOS = [
 PRESETS = {
     "smoke": {"combos": [_COMBOS[0], _COMBOS[2]], "channels": [4, 8, 8], "batch_size": 32,
               "steps": 40, "tail": 0.5},
-    "quick": {"combos": _COMBOS, "channels": [16, 32, 32], "batch_size": 128, "steps": 800,
+    "quick": {"combos": _COMBOS, "channels": [16, 32, 32], "batch_size": 128, "steps": 600,
               "tail": 0.5},
     "full": {"combos": _COMBOS + [dict(lr=0.1, weight_decay=5e-4, momentum=0.9),
                                   dict(lr=0.1, weight_decay=5e-3, momentum=0.0)],

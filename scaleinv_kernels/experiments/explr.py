@@ -49,7 +49,7 @@ _BASE = dict(lr=0.1, momentum=0.9, weight_decay=5e-3, batch_size=128, test_batch
              bn_eps=1e-30)
 PRESETS = {
     "smoke": {**_BASE, "model": "mlp", "steps": 60, "batch_size": 64},
-    "quick": {**_BASE, "model": "cnn", "steps": 400},
+    "quick": {**_BASE, "model": "cnn", "steps": 200},
     "full": {**_BASE, "model": "cnn", "steps": 2000},
 }
 
