@@ -42,19 +42,20 @@ VARIANTS = {
 }
 
 
-def _data(m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(m: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, BATCH, 1, HW, HW, generator=g),
-            torch.randint(0, 10, (m, BATCH), generator=g))
+    return (torch.randn(m, BATCH, 1, HW, HW, generator=g).to(device),
+            torch.randint(0, 10, (m, BATCH), generator=g).to(device))
 
 
-def ensemble_step(m: int, conv_impl: str = "grouped", chunk: int | None = None
-                  ) -> Callable[[], None]:
+def ensemble_step(m: int, conv_impl: str = "grouped", chunk: int | None = None,
+                  device: str = "cpu") -> Callable[[], None]:
     """Forward + backward per chunk of ``chunk`` members (as ``EnsembleTrainer`` with
     ``chunk_size``), then ONE optimizer step over all members."""
-    ens = Ensemble(normalized_cnn, m, init="independent", seed=0, conv_impl=conv_impl)
+    ens = Ensemble(normalized_cnn, m, init="independent", seed=0,
+                   conv_impl=conv_impl).to(device)
     opt = FusedSGDWD(ens.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    x, y = _data(m)
+    x, y = _data(m, device)
     chunk = chunk or m
 
     def step() -> None:
@@ -69,11 +70,11 @@ def ensemble_step(m: int, conv_impl: str = "grouped", chunk: int | None = None
     return step
 
 
-def eager_loop_step(m: int) -> Callable[[], None]:
-    models = [normalized_cnn() for _ in range(m)]
+def eager_loop_step(m: int, device: str = "cpu") -> Callable[[], None]:
+    models = [normalized_cnn().to(device) for _ in range(m)]
     opts = [torch.optim.SGD(mod.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
             for mod in models]
-    x, y = _data(m)
+    x, y = _data(m, device)
 
     def step() -> None:
         for i, (mod, opt) in enumerate(zip(models, opts)):
@@ -84,7 +85,7 @@ def eager_loop_step(m: int) -> Callable[[], None]:
     return step
 
 
-def vmap_step(m: int) -> Callable[[], None]:
+def vmap_step(m: int, device: str = "cpu") -> Callable[[], None]:
     from torch.func import (
         functional_call,
         grad,
@@ -93,7 +94,7 @@ def vmap_step(m: int) -> Callable[[], None]:
         vmap,
     )
 
-    models = [normalized_cnn() for _ in range(m)]
+    models = [normalized_cnn().to(device) for _ in range(m)]
     for mod in models:
         replace_all_batch_norm_modules_(mod)
     params, buffers = stack_module_state(models)
@@ -102,7 +103,7 @@ def vmap_step(m: int) -> Callable[[], None]:
     base = copy.deepcopy(models[0]).to("meta")
     leaves = {k: v.detach().requires_grad_() for k, v in trainable.items()}
     opt = torch.optim.SGD(list(leaves.values()), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    x, y = _data(m)
+    x, y = _data(m, device)
 
     def member_loss(p, f, b, xi, yi):
         out = functional_call(base, ({**p, **f}, b), (xi,))
@@ -121,7 +122,8 @@ def vmap_step(m: int) -> Callable[[], None]:
 
 
 BUILDERS = {"ensemble": ensemble_step,
-            "ensemble_chunked": lambda m: ensemble_step(m, chunk=min(CPU_CHUNK, m)),
+            "ensemble_chunked": lambda m, device="cpu": ensemble_step(
+                m, chunk=min(CPU_CHUNK, m), device=device),
             "eager_loop": eager_loop_step, "vmap": vmap_step}
 
 

@@ -12,6 +12,10 @@
    round-robin rounds, next to a device-to-device copy bandwidth (>= 1 GiB, read + write
    counted) measured in the same run.
 
+4. One training step of M = 500 copies of the normalized CNN (``ensemble_cases.py``):
+   Ensemble + FusedSGDWD in one pass vs an eager loop of 500 models vs torch.func vmap,
+   timed with CUDA events (median of a few steps; skipped past the budget).
+
 The compact table comes last. Without CUDA the script exits at once with status 2.
 Nothing here touches CUDA at import time.
 """
@@ -167,6 +171,50 @@ def format_table(cases: list[dict], copy_gbps: float) -> str:
     return "\n".join(lines)
 
 
+def bench_ensemble(members: int, deadline: float, steps: int = 3) -> dict:
+    """ms per training step of each ensemble variant (CUDA events, median of ``steps``
+    after one warm-up step); a variant that fails or starts past ``deadline`` is recorded
+    as an error string."""
+    import torch
+    from ensemble_cases import BUILDERS
+
+    result: dict = {"ms": {}, "errors": {}}
+    for key in ("ensemble", "vmap", "eager_loop"):
+        if time.monotonic() > deadline:
+            result["errors"][key] = "skipped: budget spent"
+            continue
+        try:
+            step = BUILDERS[key](members, device="cuda")
+            step()
+            times = []
+            for _ in range(steps):
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                step()
+                t1.record()
+                torch.cuda.synchronize()
+                times.append(t0.elapsed_time(t1))
+            result["ms"][key] = statistics.median(times)
+            del step
+        except Exception as err:  # report and go on: the other variants still count
+            result["errors"][key] = f"{type(err).__name__}: {err}"[:300]
+        torch.cuda.empty_cache()
+    return result
+
+
+def format_ensemble(res: dict, members: int) -> str:
+    lines = [f"ensemble step, M={members} normalized CNNs, batch 64 each (ms/step, "
+             "speed-up of the ensemble):"]
+    ens = res["ms"].get("ensemble")
+    for key, ms in res["ms"].items():
+        ratio = f"  ensemble is {ms / ens:.2f}x faster" if ens and key != "ensemble" else ""
+        lines.append(f"  {key:12s} {ms:10.1f} ms  ({members / ms * 1e3:.0f} member-steps/s)"
+                     f"{ratio}")
+    for key, msg in res["errors"].items():
+        lines.append(f"  {key:12s} error: {msg}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -176,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole script; later rounds are dropped past it")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds per case")
     parser.add_argument("--copy-gib", type=float, default=1.0)
+    parser.add_argument("--members", type=int, default=500, help="ensemble size for [4/4]")
     args = parser.parse_args(argv)
     start = time.monotonic()
     problem = cuda_problem()
@@ -216,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      budget spent: {key} skipped", flush=True)
             break
         out["cases"].append(bench_case(key, args.rounds, deadline))
+    print(f"[4/4] ensemble step, M={args.members}", flush=True)
+    out["ensemble"] = bench_ensemble(args.members, deadline + 40.0)
     out["seconds"] = time.monotonic() - start
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in out["cases"]:
         for k, msg in case["errors"].items():
             print(f"error: {case['case']} / {k}: {msg}")
+    print(format_ensemble(out["ensemble"], args.members))
     # rc 5: pytest collected no test (no CUDA tests yet), not a failure of this suite
     failed = (tests["rc"] not in (0, None, 5) or tests["summary"].startswith("timed out")
               or any(case["errors"] for case in out["cases"])
