@@ -34,12 +34,13 @@ Verdicts: ``reached_100`` — accuracy 1.0 at some epoch before ``wd_off_epoch``
 
 Measured (quick, MNIST-5k, seed 0, torch 2.13 CPU). With one thread
 (``OMP_NUM_THREADS=1``, 29 s on the shared 2-core machine): 100 % at epoch 77, lost at
-epoch 101; loss spikes at epochs ≈ 45 and 103, each after ‖w‖ had shrunk to ≈ 5.5 and
-lifting it back to ≈ 9.3; WD off at 170, when the norm was again at its minimum, so one
-more spike follows (epoch ≈ 175: switching WD off does not undo the effective LR already
-reached), after which ‖w‖ stays at 9.9 and the accuracy is 100 % at every epoch from 217
-on. With two threads (≈ 150 s there, the other jobs on the machine slowing every
-2-thread op): 100 % at 72, lost at 93, spikes at ≈ 54, 97, 162, 100 % from 217 on.
+epoch 101; loss spikes at epochs ≈ 46 and 105, after ‖w‖ had shrunk to 7.5 and 5.5,
+lifting it back to ≈ 9.1 and 9.4; WD off at 170, when the norm was again near its
+minimum (5.4), so one more spike follows (epoch ≈ 178: switching WD off does not undo
+the effective LR already reached), after which ‖w‖ stays at 9.9 and the accuracy is
+100 % at every epoch from 217 on. With two threads (≈ 150 s there, the other jobs on
+the machine slowing every 2-thread op): 100 % at 72, lost at 93, spikes at ≈ 54, 97,
+162, 100 % from 217 on.
 Thread counts change the float rounding, and GD near its stability edge amplifies it,
 so the epochs differ; the behaviour does not.
 """
