@@ -24,11 +24,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <optional>
 #include <sstream>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace scaleinv {
 namespace {
@@ -41,6 +46,167 @@ struct Geo {
   int pool;   // 0 or 2
   bool relu;
 };
+
+
+// ---- AVX-512 kernels for the 2x2 windows (float32) --------------------------------
+// GCC does not vectorise the stride-2 window loops (mixed float/uint8 lanes), so the
+// pooled paths are written with intrinsics: 16 windows per step, the two input rows
+// loaded as 2 x 16 floats each and split into even/odd columns with permutes; masked
+// loads/stores cover the tail (Wo is often < 16, e.g. 14 or 7).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define NA_HAVE_AVX512_KERNELS 1
+#define NA_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+struct WinMasks {
+  __mmask16 out, a, b;  // windows; first and second 16 input columns of a row
+};
+
+NA_AVX512_FN static inline WinMasks win_masks(int64_t rem) {  // rem in 1..16 windows
+  const int64_t cols = 2 * rem;
+  WinMasks m;
+  m.out = static_cast<__mmask16>((1u << rem) - 1u);
+  m.a = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  m.b = static_cast<__mmask16>(cols <= 16 ? 0u : (1u << (cols - 16)) - 1u);
+  return m;
+}
+
+NA_AVX512_FN static inline __m512i even_cols() {
+  return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
+NA_AVX512_FN static inline __m512i odd_cols() {
+  return _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Forward: one plane, y = relu?(x * alpha + beta), 2x2 max with torch's rule, index.
+NA_AVX512_FN void pool_plane_f32(const float* x, float* out, uint8_t* ind, int64_t W,
+                                 int64_t Ho, int64_t Wo, float alpha, float beta, bool relu) {
+  const __m512i ev = even_cols(), od = odd_cols();
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta), z = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2),
+                three = _mm512_set1_epi32(3);
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    const float* r0 = x + 2 * oh * W;
+    const float* r1 = r0 + W;
+    for (int64_t ow = 0; ow < Wo; ow += 16) {
+      const WinMasks m = win_masks(std::min<int64_t>(16, Wo - ow));
+      const __m512 a0 = _mm512_maskz_loadu_ps(m.a, r0 + 2 * ow);
+      const __m512 b0 = _mm512_maskz_loadu_ps(m.b, r0 + 2 * ow + 16);
+      const __m512 a1 = _mm512_maskz_loadu_ps(m.a, r1 + 2 * ow);
+      const __m512 b1 = _mm512_maskz_loadu_ps(m.b, r1 + 2 * ow + 16);
+      __m512 v[4] = {_mm512_permutex2var_ps(a0, ev, b0), _mm512_permutex2var_ps(a0, od, b0),
+                     _mm512_permutex2var_ps(a1, ev, b1), _mm512_permutex2var_ps(a1, od, b1)};
+      for (auto& t : v) {
+        t = _mm512_add_ps(_mm512_mul_ps(t, va), vb);
+        if (relu) t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(t, z, _CMP_LT_OQ), z);
+      }
+      __m512 best = v[0];
+      __m512i idx = _mm512_setzero_si512();
+      const __m512i ids[4] = {idx, one, two, three};
+      for (int j = 1; j < 4; ++j) {
+        const __mmask16 up = _mm512_cmp_ps_mask(v[j], best, _CMP_GT_OQ) |
+                             _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
+        best = _mm512_mask_mov_ps(best, up, v[j]);
+        idx = _mm512_mask_mov_epi32(idx, up, ids[j]);
+      }
+      _mm512_mask_storeu_ps(out + oh * Wo + ow, m.out, best);
+      _mm512_mask_cvtepi32_storeu_epi8(ind + oh * Wo + ow, m.out, idx);
+    }
+  }
+}
+
+// g = grad_out (masked by out > 0 with relu) and the input value at the argmax.
+NA_AVX512_FN static inline void routed(const float* r0, const float* r1, const float* go,
+                                       const float* o, const uint8_t* k, int64_t ow,
+                                       const WinMasks& m, bool relu, __m512* g, __m512* xs,
+                                       __m512i* kk) {
+  *g = _mm512_maskz_loadu_ps(m.out, go + ow);
+  if (relu) {
+    const __m512 ov = _mm512_maskz_loadu_ps(m.out, o + ow);
+    *g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ov, _mm512_setzero_ps(), _CMP_GT_OQ), *g);
+  }
+  *kk = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m.out, k + ow));
+  if (xs) {
+    const __m512i ev = even_cols(), od = odd_cols();
+    const __m512 a0 = _mm512_maskz_loadu_ps(m.a, r0 + 2 * ow);
+    const __m512 b0 = _mm512_maskz_loadu_ps(m.b, r0 + 2 * ow + 16);
+    const __m512 a1 = _mm512_maskz_loadu_ps(m.a, r1 + 2 * ow);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m.b, r1 + 2 * ow + 16);
+    __m512 x = _mm512_permutex2var_ps(a0, ev, b0);
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(1)),
+                           _mm512_permutex2var_ps(a0, od, b0));
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(2)),
+                           _mm512_permutex2var_ps(a1, ev, b1));
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(3)),
+                           _mm512_permutex2var_ps(a1, od, b1));
+    *xs = x;
+  }
+}
+
+// Backward sums over one plane's windows: s1 += g, s2 += g * (x_argmax - mean), fp64.
+NA_AVX512_FN void pool_sums_plane_f32(const float* x, const float* go, const float* o,
+                                      const uint8_t* k, int64_t W, int64_t Ho, int64_t Wo,
+                                      float mean, bool relu, double* s1, double* s2) {
+  __m512d acc1 = _mm512_setzero_pd(), acc2 = _mm512_setzero_pd();
+  const __m512 vm = _mm512_set1_ps(mean);
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    const float* r0 = x + 2 * oh * W;
+    for (int64_t ow = 0; ow < Wo; ow += 16) {
+      const WinMasks m = win_masks(std::min<int64_t>(16, Wo - ow));
+      __m512 g, xs;
+      __m512i kk;
+      routed(r0, r0 + W, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g, &xs, &kk);
+      const __m512 d = _mm512_sub_ps(xs, vm);
+      const __m512d glo = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
+      const __m512d ghi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1));
+      const __m512d dlo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+      const __m512d dhi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
+      acc1 = _mm512_add_pd(acc1, _mm512_add_pd(glo, ghi));
+      acc2 = _mm512_fmadd_pd(glo, dlo, acc2);
+      acc2 = _mm512_fmadd_pd(ghi, dhi, acc2);
+    }
+  }
+  *s1 += _mm512_reduce_add_pd(acc1);
+  *s2 += _mm512_reduce_add_pd(acc2);
+}
+
+// Backward: dx[argmax] += scale * g over one plane (dx already holds the other terms).
+NA_AVX512_FN void pool_scatter_plane_f32(float* dx, const float* go, const float* o,
+                                         const uint8_t* k, int64_t W, int64_t Ho, int64_t Wo,
+                                         float scale, bool relu) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    float* d0 = dx + 2 * oh * W;
+    float* d1 = d0 + W;
+    for (int64_t ow = 0; ow < Wo; ow += 16) {
+      const WinMasks m = win_masks(std::min<int64_t>(16, Wo - ow));
+      __m512 g;
+      __m512i kk;
+      routed(nullptr, nullptr, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g, nullptr,
+             &kk);
+      g = _mm512_mul_ps(g, vs);
+      const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(0)), g);
+      const __m512 o0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(1)), g);
+      const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(2)), g);
+      const __m512 o1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(3)), g);
+      float* p0 = d0 + 2 * ow;
+      float* p1 = d1 + 2 * ow;
+      _mm512_mask_storeu_ps(p0, m.a, _mm512_add_ps(_mm512_maskz_loadu_ps(m.a, p0),
+                                                   _mm512_permutex2var_ps(e0, lo, o0)));
+      _mm512_mask_storeu_ps(p0 + 16, m.b, _mm512_add_ps(_mm512_maskz_loadu_ps(m.b, p0 + 16),
+                                                        _mm512_permutex2var_ps(e0, hi, o0)));
+      _mm512_mask_storeu_ps(p1, m.a, _mm512_add_ps(_mm512_maskz_loadu_ps(m.a, p1),
+                                                   _mm512_permutex2var_ps(e1, lo, o1)));
+      _mm512_mask_storeu_ps(p1 + 16, m.b, _mm512_add_ps(_mm512_maskz_loadu_ps(m.b, p1 + 16),
+                                                        _mm512_permutex2var_ps(e1, hi, o1)));
+    }
+  }
+}
+#endif
+
+bool use_avx512_kernels();
 
 // ---- forward ---------------------------------------------------------------------
 
@@ -124,6 +290,14 @@ template <typename T>
 NA_INLINE void plane_forward(const T* x, T* out, uint8_t* ind, const Geo& g, int64_t n,
                              int64_t c, T alpha, T beta) {
   const int64_t plane = n * g.C + c;
+#ifdef NA_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.pool == 2 && use_avx512_kernels()) {
+      return pool_plane_f32(x + plane * g.HW, out + plane * g.HWo, ind + plane * g.HWo, g.W,
+                            g.Ho, g.Wo, alpha, beta, g.relu);
+    }
+  }
+#endif
   if (g.pool == 2) {
     if (g.relu)
       plane_pool<T, true>(x + plane * g.HW, out + plane * g.HWo, ind + plane * g.HWo, g, alpha,
@@ -214,6 +388,16 @@ NA_INLINE void channel_sums(const BwdArgs<T>& a, int64_t c, double* s1_out, doub
   for (int64_t n = 0; n < g.N; ++n) {
     const int64_t plane = n * g.C + c;
     const T* __restrict__ x = a.x + plane * g.HW;
+#ifdef NA_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<T, float>) {
+      if (g.pool == 2 && use_avx512_kernels()) {
+        pool_sums_plane_f32(x, a.gout + plane * g.HWo, a.out + plane * g.HWo,
+                            a.ind + plane * g.HWo, g.W, g.Ho, g.Wo, static_cast<float>(mean),
+                            g.relu, &s1, &s2);
+        continue;
+      }
+    }
+#endif
     if (g.pool == 2) {
       const T* __restrict__ go = a.gout + plane * g.HWo;
       const T* __restrict__ o = a.out + plane * g.HWo;
@@ -261,6 +445,14 @@ NA_INLINE void plane_dx(const BwdArgs<T>& a, int64_t n, int64_t c, T scale, T k0
   } else {
     std::fill(dx, dx + g.HW, T(0));
   }
+#ifdef NA_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.pool == 2 && use_avx512_kernels()) {
+      return pool_scatter_plane_f32(dx, a.gout + plane * g.HWo, a.out + plane * g.HWo,
+                                    a.ind + plane * g.HWo, g.W, g.Ho, g.Wo, scale, g.relu);
+    }
+  }
+#endif
   if (g.pool == 2) {
     const T* __restrict__ go = a.gout + plane * g.HWo;
     const T* __restrict__ o = a.out + plane * g.HWo;
@@ -370,6 +562,13 @@ int isa_level() {  // 0 default, 1 AVX2, 2 AVX-512
     return 0;
   }();
   return level;
+}
+
+// The intrinsics kernels run where ATen runs its AVX-512 kernels (SCALEINV_NO_AVX512=1
+// forces the portable loops, e.g. to test them).
+bool use_avx512_kernels() {
+  static const bool on = isa_level() == 2 && std::getenv("SCALEINV_NO_AVX512") == nullptr;
+  return on;
 }
 
 template <typename A>
