@@ -1,0 +1,128 @@
+"""Fused BatchNorm → ReLU → MaxPool2d(2), forward + backward, vs unfused torch.
+
+    python benchmarks/norm_act_bench.py [--repeats 5] [--min-time 0.3] [--cases m64c16 ...]
+
+Per case (training mode, affine=False as in the scale-invariant CNN template, running
+statistics updated) it times, interleaved with a triad ``a = b + s·c`` measured in the
+same run (``sgd_wd_cases.Triad``/``interleaved``, medians of the repeats):
+
+* ``fused``: ``scaleinv_kernels.ops.bn_act_pool`` forward + ``autograd.grad`` (C++ on
+  CPU, Triton on CUDA);
+* ``torch``: ``F.batch_norm`` → ``relu_`` → ``F.max_pool2d`` forward + backward.
+
+Counted minimal traffic per input element E (fp32): forward reads x twice (statistics,
+then normalize) and writes out (E/4 floats) and the index (E/4 bytes): 9.25 B; backward
+reads grad_out, out (E/4 floats each), the index (E/4 bytes) and x, and writes dx:
+10.25 B; 19.5 B per element in all. ``GB/s`` = counted bytes / time, ``×floor`` = time /
+(counted bytes / triad bandwidth); the target is ≤ 1.3.
+
+Fresh output tensors cost page faults on CPU (a new 200 MB dx is ~50 000 4-KiB faults);
+this script sets ``THP_MEM_ALLOC_ENABLE=1`` (torch's CPU allocator then asks for
+transparent huge pages) unless it is already set; both variants get the same allocator.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from sgd_wd_cases import Triad, interleaved  # noqa: E402  (benchmarks/ is on sys.path)
+
+from scaleinv_kernels._extension import extension_loaded  # noqa: E402
+from scaleinv_kernels.ops.norm_act import bn_act_pool  # noqa: E402
+
+CASES = {
+    "m64c16": ("M=64 members x 16 ch, 28x28", (64, 64 * 16, 28, 28)),
+    "m64c32": ("M=64 members x 32 ch, 14x14", (64, 64 * 32, 14, 14)),
+    "m8c16": ("M=8 members x 16 ch, 28x28", (64, 8 * 16, 28, 28)),
+}
+BYTES_PER_ELEMENT = 9.25 + 10.25
+MOMENTUM, EPS = 0.1, 1e-5
+
+
+class Step:
+    """One forward + backward of a variant on fixed x and grad_out."""
+
+    def __init__(self, fused: bool, shape: tuple[int, ...], device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+        c = shape[1]
+        self.rm = torch.zeros(c, device=device)
+        self.rv = torch.ones(c, device=device)
+        out_shape = (shape[0], c, shape[2] // 2, shape[3] // 2)
+        self.go = torch.randn(out_shape, generator=gen).to(device)
+        self.fused = fused
+
+    def __call__(self) -> None:
+        if self.fused:
+            y = bn_act_pool(self.x, None, None, self.rm, self.rv, training=True,
+                            momentum=MOMENTUM, eps=EPS, relu=True, pool=2)
+        else:
+            y = F.batch_norm(self.x, self.rm, self.rv, None, None, True, MOMENTUM, EPS)
+            y = F.max_pool2d(torch.relu_(y), 2)
+        (dx,) = torch.autograd.grad(y, self.x, self.go)
+        del dx
+
+
+def check(shape: tuple[int, ...], device: torch.device) -> float:
+    """Max |fused − torch| / max |torch| of the input gradient on the case's shape."""
+    grads = []
+    for fused in (True, False):
+        s = Step(fused, shape, device)
+        if fused:
+            y = bn_act_pool(s.x, None, None, s.rm, s.rv, training=True, momentum=MOMENTUM,
+                            eps=EPS)
+        else:
+            y = F.max_pool2d(F.relu(F.batch_norm(s.x, s.rm, s.rv, None, None, True, MOMENTUM,
+                                                 EPS)), 2)
+        grads.append(torch.autograd.grad(y, s.x, s.go)[0])
+    return float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repeat")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu" and not extension_loaded():
+        raise SystemExit("the C++ extension is not built; the fused variant would be the "
+                         "torch reference")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"# bn_act_pool benchmark, {datetime.date.today()}, {platform.node()}, "
+          f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
+    triad = Triad(256, device)
+    rows = []
+    for key in args.cases:
+        title, shape = CASES[key]
+        err = check(shape, device)
+        entries = {"fused": Step(True, shape, device), "torch": Step(False, shape, device),
+                   "triad": triad}
+        t = interleaved(entries, repeats=args.repeats, min_time=args.min_time, sync=sync)
+        triad_gbps = triad.bytes / t["triad"].median / 1e9
+        numel = torch.Size(shape).numel()
+        counted = BYTES_PER_ELEMENT * numel
+        floor = counted / (triad_gbps * 1e9)
+        fused, ref = t["fused"].median, t["torch"].median
+        rows.append((title, shape, fused, ref, counted / fused / 1e9, triad_gbps,
+                     fused / floor, ref / fused, err))
+    print("| case | shape | fused ms | torch ms | fused GB/s | triad GB/s | fused ×floor "
+          "| speed-up | rel. err dx |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for title, shape, fused, ref, gbps, tg, xfloor, speed, err in rows:
+        print(f"| {title} | {list(shape)} | {fused * 1e3:.1f} | {ref * 1e3:.1f} | {gbps:.1f} | "
+              f"{tg:.1f} | {xfloor:.2f} | {speed:.2f}× | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
