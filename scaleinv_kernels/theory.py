@@ -123,7 +123,10 @@ def predicted_effective_lr(lr: Scalar, weight_decay: Scalar, momentum: float = 0
 
     Assumptions: steady state (after ≈ (1−μ)/(ηλ) steps); ‖∇̃L‖ roughly constant over the
     window; for μ > 0, gradient noise dominating the mean gradient (uncorrelated successive
-    gradients; fully aligned ones would give the factor 1−μ instead of √(1−μ²)). Accurate to
+    gradients; fully aligned ones would give the factor 1−μ instead of √(1−μ²), and
+    anti-correlated ones a factor closer to 1). Measured: within 3 % for a BN MLP on random
+    labels, but 1.6-2.5× too small for ``normalized_cnn`` on MNIST-5k at μ = 0.9 (600 steps,
+    ``equilibrium-norm`` quick), so treat the μ > 0 value as an estimate. Accurate to
     O(ηλ) without momentum. ``lr``, ``weight_decay`` ≥ 0 (floats or tensors),
     0 ≤ ``momentum`` < 1, ``unit_grad_norm`` > 0.
     """
