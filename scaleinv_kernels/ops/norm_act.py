@@ -459,12 +459,14 @@ def _block(n: int) -> int:
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _split(c: int, total: int, block: int, device: torch.device) -> tuple[int, int]:
     """(programs per channel, values per program): enough programs to fill the GPU."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2
+    target = 4 * _sm_count(device) if device.type == "cuda" else 2
     blocks = triton.cdiv(max(total, 1), block)
     split = max(1, min(blocks, triton.cdiv(target, max(c, 1))))
     per_prog = triton.cdiv(blocks, split) * block

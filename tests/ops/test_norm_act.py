@@ -230,6 +230,36 @@ def test_bad_input_raises():
                                                 [True, True, True])
 
 
+PORTABLE_SCRIPT = r"""
+import torch
+from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+worst = 0.0
+for shape in ((4, 3, 7, 5), (2, 2, 6, 36), (3, 2, 4, 3)):
+    for training in (True, False):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+        res = []
+        for fn in (bn_act_pool, bn_act_pool_reference):
+            xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+            y = fn(xx, ww, bb, torch.zeros(shape[1]), torch.ones(shape[1]), training=training)
+            go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+            res.append((y, *torch.autograd.grad(y, (xx, ww, bb), go)))
+        for a, e in zip(*res):
+            worst = max(worst, float((a - e).abs().max() / e.abs().max()))
+print(worst)
+"""
+
+
+def test_portable_loops_match_reference():
+    """SCALEINV_NO_AVX512=1 (read once per process) runs the plain C++ loops that machines
+    without AVX-512 use instead of the intrinsics kernels."""
+    env = {**os.environ, "SCALEINV_NO_AVX512": "1"}
+    run = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
 OPCHECK_ARGS = [
     ((4, 3, 7, 5), True, False, True, 2),   # shape, affine, eval, relu, pool
     ((4, 3, 6, 6), False, True, True, 2),
