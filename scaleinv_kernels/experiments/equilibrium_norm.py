@@ -139,5 +139,7 @@ def plot(result: dict, path: Path) -> None:
               title=f"η={hp['lr']:g}, λ={hp['weight_decay']:g}, μ={hp['momentum']:g}")
         a.grid(alpha=0.3, which="both")
         a.legend(fontsize=7)
-    save_figure(fig, path, "normalized CNN on MNIST-5k: equilibrium angular update "
-                           f"(max relative error {result['max_rel_error']:.1%})")
+    save_figure(fig, path, "normalized CNN on MNIST-5k: equilibrium angular update (max "
+                           f"relative error {result['max_rel_error_angular_update']:.1%}; "
+                           "effective LR: "
+                           f"{result['max_rel_error_effective_lr']:.0%}, see result.json)")
