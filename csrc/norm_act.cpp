@@ -172,15 +172,27 @@ NA_AVX512_FN void pool_sums_plane_f32(const float* x, const float* go, const flo
   *s2 += _mm512_reduce_add_pd(acc2);
 }
 
-// Backward: dx[argmax] += scale * g over one plane (dx already holds the other terms).
-NA_AVX512_FN void pool_scatter_plane_f32(float* dx, const float* go, const float* o,
-                                         const uint8_t* k, int64_t W, int64_t Ho, int64_t Wo,
-                                         float scale, bool relu) {
+NA_AVX512_FN static inline __m512 dx_base(__m512 xv, __m512 vk0, __m512 vk2, __m512 vm,
+                                          bool training) {
+  return training ? _mm512_add_ps(vk0, _mm512_mul_ps(vk2, _mm512_sub_ps(xv, vm)))
+                  : _mm512_setzero_ps();
+}
+
+// Backward dx over one plane, written once: dx = k0 + k2 * (x - mean) (training; 0 in
+// eval) plus scale * g at each window's argmax.
+NA_AVX512_FN void pool_dx_plane_f32(const float* x, float* dx, const float* go, const float* o,
+                                    const uint8_t* k, int64_t H, int64_t W, int64_t Ho,
+                                    int64_t Wo, float mean, float scale, float k0, float k2,
+                                    bool relu, bool training) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi =
       _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512 vs = _mm512_set1_ps(scale), vk0 = _mm512_set1_ps(k0), vk2 = _mm512_set1_ps(k2),
+               vm = _mm512_set1_ps(mean);
+  auto base1 = [&](float xv) { return training ? k0 + k2 * (xv - mean) : 0.0f; };
   for (int64_t oh = 0; oh < Ho; ++oh) {
+    const float* r0 = x + 2 * oh * W;
+    const float* r1 = r0 + W;
     float* d0 = dx + 2 * oh * W;
     float* d1 = d0 + W;
     for (int64_t ow = 0; ow < Wo; ow += 16) {
@@ -194,17 +206,33 @@ NA_AVX512_FN void pool_scatter_plane_f32(float* dx, const float* go, const float
       const __m512 o0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(1)), g);
       const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(2)), g);
       const __m512 o1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(3)), g);
-      float* p0 = d0 + 2 * ow;
-      float* p1 = d1 + 2 * ow;
-      _mm512_mask_storeu_ps(p0, m.a, _mm512_add_ps(_mm512_maskz_loadu_ps(m.a, p0),
-                                                   _mm512_permutex2var_ps(e0, lo, o0)));
-      _mm512_mask_storeu_ps(p0 + 16, m.b, _mm512_add_ps(_mm512_maskz_loadu_ps(m.b, p0 + 16),
-                                                        _mm512_permutex2var_ps(e0, hi, o0)));
-      _mm512_mask_storeu_ps(p1, m.a, _mm512_add_ps(_mm512_maskz_loadu_ps(m.a, p1),
-                                                   _mm512_permutex2var_ps(e1, lo, o1)));
-      _mm512_mask_storeu_ps(p1 + 16, m.b, _mm512_add_ps(_mm512_maskz_loadu_ps(m.b, p1 + 16),
-                                                        _mm512_permutex2var_ps(e1, hi, o1)));
+      const int64_t c = 2 * ow;
+      _mm512_mask_storeu_ps(
+          d0 + c, m.a,
+          _mm512_add_ps(dx_base(_mm512_maskz_loadu_ps(m.a, r0 + c), vk0, vk2, vm, training),
+                        _mm512_permutex2var_ps(e0, lo, o0)));
+      _mm512_mask_storeu_ps(
+          d0 + c + 16, m.b,
+          _mm512_add_ps(dx_base(_mm512_maskz_loadu_ps(m.b, r0 + c + 16), vk0, vk2, vm, training),
+                        _mm512_permutex2var_ps(e0, hi, o0)));
+      _mm512_mask_storeu_ps(
+          d1 + c, m.a,
+          _mm512_add_ps(dx_base(_mm512_maskz_loadu_ps(m.a, r1 + c), vk0, vk2, vm, training),
+                        _mm512_permutex2var_ps(e1, lo, o1)));
+      _mm512_mask_storeu_ps(
+          d1 + c + 16, m.b,
+          _mm512_add_ps(dx_base(_mm512_maskz_loadu_ps(m.b, r1 + c + 16), vk0, vk2, vm, training),
+                        _mm512_permutex2var_ps(e1, hi, o1)));
     }
+    if (W % 2) {  // dropped last column: no window
+      d0[W - 1] = base1(r0[W - 1]);
+      d1[W - 1] = base1(r1[W - 1]);
+    }
+  }
+  if (H % 2) {  // dropped last row
+    const float* r = x + (H - 1) * W;
+    float* d = dx + (H - 1) * W;
+    for (int64_t i = 0; i < W; ++i) d[i] = base1(r[i]);
   }
 }
 #endif
@@ -450,20 +478,21 @@ NA_INLINE void plane_dx(const BwdArgs<T>& a, int64_t n, int64_t c, T scale, T k0
   const T* __restrict__ x = a.x + plane * g.HW;
   T* __restrict__ dx = a.dx + plane * g.HW;
   const T mean = a.mean[c];
+#ifdef NA_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.pool == 2 && use_avx512_kernels()) {
+      return pool_dx_plane_f32(x, dx, a.gout + plane * g.HWo, a.out + plane * g.HWo,
+                               a.ind + plane * g.HWo, g.H, g.W, g.Ho, g.Wo, mean, scale, k0, k2,
+                               g.relu, a.training);
+    }
+  }
+#endif
   if (a.training) {
 #pragma omp simd
     for (int64_t i = 0; i < g.HW; ++i) dx[i] = k0 + k2 * (x[i] - mean);
   } else {
     std::fill(dx, dx + g.HW, T(0));
   }
-#ifdef NA_HAVE_AVX512_KERNELS
-  if constexpr (std::is_same_v<T, float>) {
-    if (g.pool == 2 && use_avx512_kernels()) {
-      return pool_scatter_plane_f32(dx, a.gout + plane * g.HWo, a.out + plane * g.HWo,
-                                    a.ind + plane * g.HWo, g.W, g.Ho, g.Wo, scale, g.relu);
-    }
-  }
-#endif
   if (g.pool == 2) {
     const T* __restrict__ go = a.gout + plane * g.HWo;
     const T* __restrict__ o = a.out + plane * g.HWo;
