@@ -294,6 +294,7 @@ TRITON_CASES = [
     ((4, 3, 7, 5), 2, True, True, True),   # shape, pool, relu, affine, training
     ((4, 3, 7, 5), 2, True, True, False),
     ((2, 2, 6, 4), 2, False, False, True),
+    ((2, 2, 5, 37), 2, True, False, True),
     ((3, 4, 1, 1), 0, True, True, True),
     ((2, 3, 9), 0, False, True, False),
 ]
