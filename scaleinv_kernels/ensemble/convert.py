@@ -63,11 +63,13 @@ class UnsupportedModuleError(TypeError):
 
 
 def convert(members: Sequence[nn.Module], ctx: MemberContext, *,
-            conv_impl: str = "grouped") -> nn.Module:
+            conv_impl: str = "grouped", fuse: bool = True) -> nn.Module:
     """Member-batched copy of ``members[0]``'s structure holding all members' tensors.
 
     ``members`` are modules of identical architecture (checked by the caller). Returns a
-    deep copy of ``members[0]`` whose supported leaves are replaced by member layers.
+    deep copy of ``members[0]`` whose supported leaves are replaced by member layers;
+    with ``fuse``, BatchNorm2d → ReLU (→ MaxPool2d(2)) runs inside ``nn.Sequential``
+    containers become one fused op (:func:`fuse_norm_act`).
     """
     out = copy.deepcopy(members[0])
     for name, module in list(out.named_modules()):
@@ -81,7 +83,50 @@ def convert(members: Sequence[nn.Module], ctx: MemberContext, *,
             out.set_submodule(name, new)
     for name, module in out.named_modules():
         _check_module(name, module)
+    if fuse:
+        fuse_norm_act(out)
     return out
+
+
+def _is_pool2(module: nn.Module) -> bool:
+    if type(module) is not nn.MaxPool2d:
+        return False
+    size = {module.kernel_size} if isinstance(module.kernel_size, int) else set(
+        module.kernel_size)
+    stride = module.stride if module.stride is not None else module.kernel_size
+    stride = {stride} if isinstance(stride, int) else set(stride)
+    pad = {module.padding} if isinstance(module.padding, int) else set(module.padding)
+    dil = {module.dilation} if isinstance(module.dilation, int) else set(module.dilation)
+    return (size == {2} and stride == {2} and pad == {0} and dil == {1}
+            and not module.ceil_mode and not module.return_indices)
+
+
+def fuse_norm_act(model: nn.Module) -> int:
+    """Inside every ``nn.Sequential`` of ``model``, turn MemberBatchNorm(2d) → ReLU
+    (→ MaxPool2d(kernel 2, stride 2)) into the norm running ``scaleinv::bn_act_pool``; the
+    ReLU and pool entries become ``nn.Identity`` (no state, so ``state_dict`` keys do not
+    change). Other code paths (a ``forward`` calling its modules itself) are left unfused:
+    without tracing, the order of calls is unknown. Returns the number of fusions."""
+    fused = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        i = 0
+        while i < len(names) - 1:
+            norm, act = seq._modules[names[i]], seq._modules[names[i + 1]]
+            if (isinstance(norm, MemberBatchNorm) and norm.can_fuse()
+                    and type(act) is nn.ReLU):
+                norm.fused_relu = True
+                seq._modules[names[i + 1]] = nn.Identity()
+                step = 2
+                if i + 2 < len(names) and _is_pool2(seq._modules[names[i + 2]]):
+                    norm.fused_pool = 2
+                    seq._modules[names[i + 2]] = nn.Identity()
+                    step = 3
+                fused += 1
+                i += step
+            else:
+                i += 1
+    return fused
 
 
 def _convert_leaf(module: nn.Module, parts: list[nn.Module], ctx: MemberContext,

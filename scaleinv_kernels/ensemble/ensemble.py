@@ -33,6 +33,9 @@ class Ensemble(nn.Module):
             convolution per member); see :class:`~.layers.MemberConv`.
         check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
             of the batch dimension (see :func:`convert.check_forward`).
+        fuse: run BatchNorm2d → ReLU (→ MaxPool2d(2)) sequences inside ``nn.Sequential``
+            containers as the fused op ``scaleinv::bn_act_pool`` (C++ on CPU, Triton on
+            CUDA); the ReLU/pool entries of ``ens.net`` then show as ``nn.Identity``.
 
     Parameters and buffers have shape ``[M, *shape]`` and live in :attr:`net` under the
     original names (``ens.net.state_dict()`` has the original keys); parameters frozen in
@@ -58,6 +61,7 @@ class Ensemble(nn.Module):
         seed: int | None = None,
         conv_impl: str = "grouped",
         check_forward: bool = True,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
@@ -71,7 +75,7 @@ class Ensemble(nn.Module):
         self.n_members = n_members
         self.init = init
         self._ctx = MemberContext(n_members)
-        self.net = convert(members, self._ctx, conv_impl=conv_impl)
+        self.net = convert(members, self._ctx, conv_impl=conv_impl, fuse=fuse)
         # A CPU copy of the original module: member(i) clones it and loads member i.
         object.__setattr__(self, "_template", copy.deepcopy(template).cpu())
         self.training = template.training

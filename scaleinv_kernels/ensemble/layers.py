@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scaleinv_kernels.ops.norm_act import bn_act_pool
 from scaleinv_kernels.optim.members import mark_members
 
 CONV_IMPLS = ("grouped", "loop")
@@ -218,6 +219,9 @@ class MemberLinear(MemberLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: expected input [N, ..., {self.in_features}], got "
+                             f"{list(x.shape)} (per member: {[c.batch, *x.shape[1:]]})")
         w, b = self._p(self.weight), self._p(self.bias)
         m, o = c.m, self.out_features
         if c.is_shared(x):
@@ -261,11 +265,23 @@ class MemberBatchNorm(MemberLayer):
         self.bias = _stacked_param([b.bias for b in norms], n)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, _stack([getattr(b, name) for b in norms]))
+        # Set by the conversion when this norm is followed by ReLU (and MaxPool2d(2)) in
+        # an nn.Sequential: those modules become nn.Identity and this layer runs the fused
+        # op scaleinv::bn_act_pool on the [B, m·C, H, W] view instead.
+        self.fused_relu = False
+        self.fused_pool = 0
 
     def extra_repr(self) -> str:
+        fused = ""
+        if self.fused_relu:
+            fused = ", fused: +ReLU" + (" +MaxPool2d(2)" if self.fused_pool else "")
         return (f"{self.kind}, members={self.ctx.n_members}, {self.num_features}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}{fused}")
+
+    def can_fuse(self) -> bool:
+        """The fused op covers BatchNorm2d with an exponential running average."""
+        return self.kind == "BatchNorm2d" and self.momentum is not None
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
@@ -284,6 +300,13 @@ class MemberBatchNorm(MemberLayer):
         if update:
             nbt = self._p(self.num_batches_tracked)
             nbt.add_(1)
+        if self.fused_relu:
+            y = bn_act_pool(xc, w, b, None if rm is None else rm.view(-1),
+                            None if rv is None else rv.view(-1),
+                            training=training,
+                            momentum=self.momentum if update else 0.0, eps=self.eps,
+                            relu=True, pool=self.fused_pool)
+            return _refold(y, c.batch * m, self.num_features, *y.shape[2:])
         if update and self.momentum is None:
             y = F.batch_norm(xc, None, None, w, b, True, 0.0, self.eps)
             self._cumulative_update(xc, rm, rv, nbt)

@@ -31,14 +31,14 @@ def randomize_buffers(model: nn.Module, gen: torch.Generator) -> nn.Module:
 
 
 def compare_with_loop(factory, m: int, x_shape, *, train: bool, shared: bool = False,
-                      conv_impl: str = "grouped", seed: int = 0) -> None:
+                      conv_impl: str = "grouped", seed: int = 0, fuse: bool = True) -> None:
     """ens(x) vs [member(i)(x[i])]: outputs, parameter grads and buffers afterwards."""
     gen = torch.Generator().manual_seed(seed)
 
     def made():
         return randomize_buffers(factory(), gen)
 
-    ens = Ensemble(made, m, init="independent", seed=seed, conv_impl=conv_impl)
+    ens = Ensemble(made, m, init="independent", seed=seed, conv_impl=conv_impl, fuse=fuse)
     ens.train(train)
     members = [ens.member(i) for i in range(m)]  # copies taken before the ensemble runs
     x = torch.randn((m, *x_shape) if not shared else x_shape, generator=gen)
@@ -116,15 +116,39 @@ def test_conv_impls_match_member_loop(name, impl):
     compare_with_loop(factory, 4, shape, train=True, conv_impl=impl)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("net", ["cnn", "bnmlp", "resnet"])
-def test_whole_nets_match_member_loop(net, train):
+@pytest.mark.parametrize("net", ["cnn", "cnn-odd", "bnmlp", "resnet", "affine-bn-relu-pool"])
+def test_whole_nets_match_member_loop(net, train, fuse):
     factory, shape = {
         "cnn": (normalized_cnn, (4, 1, 12, 12)),
+        "cnn-odd": (normalized_cnn, (3, 1, 11, 9)),  # odd H/W through two 2×2 pools
         "bnmlp": (BNMLP, (6, 4, 5)),
         "resnet": (SmallResNet, (3, 3, 10, 10)),
+        "affine-bn-relu-pool": (lambda: nn.Sequential(
+            # no conv bias before BN: its true gradient is 0, so only rounding would be compared
+            nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4),
+            nn.ReLU(inplace=True), nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3)), (5, 2, 13, 12)),
     }[net]
-    compare_with_loop(factory, 3, shape, train=train)
+    compare_with_loop(factory, 3, shape, train=train, fuse=fuse)
+
+
+def test_fusion_applies_in_sequential_only():
+    ens = Ensemble(normalized_cnn, 2)
+    net = ens.net
+    assert net.bn1.fused_relu and net.bn1.fused_pool == 2
+    assert net.bn3.fused_relu and net.bn3.fused_pool == 0  # no pool after the third block
+    assert isinstance(net.relu1, nn.Identity) and isinstance(net.pool2, nn.Identity)
+    assert set(ens.net.state_dict()) == set(normalized_cnn().state_dict())
+    plain = Ensemble(normalized_cnn, 2, fuse=False)
+    assert not plain.net.bn1.fused_relu and isinstance(plain.net.relu1, nn.ReLU)
+    res = Ensemble(SmallResNet, 2)  # blocks call their modules from forward: not fused
+    assert not any(getattr(m, "fused_relu", False) for m in res.modules())
+    mom_none = Ensemble(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=None),
+                                              nn.ReLU()), 2)
+    assert not mom_none.net[1].fused_relu
 
 
 @pytest.mark.parametrize("net", ["cnn", "bnmlp", "linear", "groupnorm"])
@@ -253,6 +277,9 @@ def test_bad_input_errors():
         ens.member(3)
     with pytest.raises(TypeError, match="member index must be an int"):
         ens.member(1.0)
+    with pytest.raises(ValueError, match=r"Linear: expected input \[N, \.\.\., 32\]"):
+        Ensemble(lambda: nn.Sequential(nn.Flatten(), nn.Linear(32, 2)), 2)(
+            torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="selects no member"):
         ens(torch.randn(0, 4, 1, 12, 12), members=slice(3, 5))
     with pytest.raises(TypeError, match="expected a Sequential, got Linear"):
