@@ -48,7 +48,7 @@ def _data(m: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, tor
             torch.randint(0, 10, (m, BATCH), generator=g).to(device))
 
 
-def ensemble_step(m: int, conv_impl: str = "grouped", chunk: int | None = None,
+def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
                   device: str = "cpu") -> Callable[[], None]:
     """Forward + backward per chunk of ``chunk`` members (as ``EnsembleTrainer`` with
     ``chunk_size``), then ONE optimizer step over all members."""

@@ -63,7 +63,7 @@ class UnsupportedModuleError(TypeError):
 
 
 def convert(members: Sequence[nn.Module], ctx: MemberContext, *,
-            conv_impl: str = "grouped", fuse: bool = True) -> nn.Module:
+            conv_impl: str = "auto", fuse: bool = True) -> nn.Module:
     """Member-batched copy of ``members[0]``'s structure holding all members' tensors.
 
     ``members`` are modules of identical architecture (checked by the caller). Returns a

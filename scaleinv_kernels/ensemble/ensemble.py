@@ -29,8 +29,9 @@ class Ensemble(nn.Module):
             alone, whatever M). A module instance only allows ``"shared"``.
         seed: seed of the initialisation (None: the current global RNG state, for
             ``"shared"``; ``"independent"`` then uses seed 0).
-        conv_impl: ``"grouped"`` (one grouped convolution per layer) or ``"loop"`` (one
-            convolution per member); see :class:`~.layers.MemberConv`.
+        conv_impl: ``"auto"`` (default, chosen per layer), ``"grouped"`` (one grouped
+            convolution per layer) or ``"loop"`` (one convolution per member); see
+            :class:`~.layers.MemberConv`.
         check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
             of the batch dimension (see :func:`convert.check_forward`).
         fuse: run BatchNorm2d → ReLU (→ MaxPool2d(2)) sequences inside ``nn.Sequential``
@@ -59,7 +60,7 @@ class Ensemble(nn.Module):
         *,
         init: str = "shared",
         seed: int | None = None,
-        conv_impl: str = "grouped",
+        conv_impl: str = "auto",
         check_forward: bool = True,
         fuse: bool = True,
     ) -> None:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from scaleinv_kernels.ops.norm_act import bn_act_pool
 from scaleinv_kernels.optim.members import mark_members
 
-CONV_IMPLS = ("grouped", "loop")
+CONV_IMPLS = ("auto", "grouped", "loop")
 
 
 @dataclass
@@ -148,13 +148,17 @@ class MemberLayer(nn.Module):
 class MemberConv(MemberLayer):
     """M copies of ``nn.Conv1d``/``nn.Conv2d`` (zero padding only).
 
-    ``impl="grouped"`` (default): ONE convolution with ``groups = m·groups`` on the free
-    view ``[B, m·C, ...]`` of the folded input. ``impl="loop"``: one convolution per
-    member on strided slices, outputs stacked (kept for comparison and as a fallback).
+    ``impl="grouped"``: ONE convolution with ``groups = m·groups`` on the free view
+    ``[B, m·C, ...]`` of the folded input. ``impl="loop"``: one convolution per member on
+    strided slices, outputs stacked. ``impl="auto"`` (default): grouped on CUDA, and on
+    CPU when a group has at least 4 input channels, else the loop. Measured on this
+    2-core CPU (4 members, batch 64, fwd+bwd, 3×3): 1→16 channels at 28×28, grouped
+    18.1 ms vs loop 5.2 ms (oneDNN's grouped kernel with one input channel per group is
+    slow); 16→32 at 14×14, 10.2 vs 12.7 ms; 32→32 at 7×7, 4.4 vs 6.1 ms.
     """
 
     def __init__(self, convs: Sequence[nn.Conv1d | nn.Conv2d], ctx: MemberContext,
-                 impl: str = "grouped") -> None:
+                 impl: str = "auto") -> None:
         super().__init__(ctx)
         c0 = convs[0]
         if c0.padding_mode != "zeros":
@@ -192,7 +196,9 @@ class MemberConv(MemberLayer):
             y = self._conv(x, wf, bf, 1)
             return _refold(y, bsz * m, o, *y.shape[2:])
         x = c.folded(x, self.kind)
-        if self.impl == "grouped":
+        grouped = self.impl == "grouped" or (self.impl == "auto" and (
+            x.is_cuda or self.in_channels // self.groups >= 4))
+        if grouped:
             y = self._conv(x.view(bsz, m * self.in_channels, *x.shape[2:]), wf, bf,
                            m * self.groups)
             return _refold(y, bsz * m, o, *y.shape[2:])
