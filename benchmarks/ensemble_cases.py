@@ -145,7 +145,7 @@ def check_same_update(m: int = 2) -> float:
         sgd.step()
         for name, p in mod.named_parameters():
             q = ens.net.get_parameter(name)[i]
-            worst = max(worst, float((q - p).abs().max() / p.abs().max()))
+            worst = max(worst, float((q - p).detach().abs().max() / p.detach().abs().max()))
     return worst
 
 
