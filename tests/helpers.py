@@ -23,7 +23,7 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: 
     """|actual - expected| <= atol + rtol * |expected| elementwise, reporting the worst."""
     a, e = actual.double().reshape(-1), expected.double().reshape(-1)
     err = (a - e).abs() - (atol + rtol * e.abs())
-    if a.numel() and float(err.max()) > 0:
+    if a.numel() and float(err.detach().max()) > 0:
         i = int(err.argmax())
         raise AssertionError(f"{what}: worst at {i}: {a[i].item()!r} vs {e[i].item()!r} "
                              f"(rtol={rtol}, atol={atol})")
