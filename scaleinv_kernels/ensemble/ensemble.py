@@ -32,6 +32,12 @@ class Ensemble(nn.Module):
         conv_impl: ``"auto"`` (default, chosen per layer), ``"grouped"`` (one grouped
             convolution per layer) or ``"loop"`` (one convolution per member); see
             :class:`~.layers.MemberConv`.
+        member_offset: the global index of this ensemble's first member (default 0), for
+            an ensemble holding members ``member_offset … member_offset + M − 1`` of a
+            larger one (a rank's share under torch.distributed): ``"independent"`` seeds
+            member i from ``member_seed(seed, 0, member_offset + i)``, so the shards of a
+            split ensemble hold exactly the members of the unsplit one. No other effect;
+            local indices (``members=``, :meth:`member`) still count from 0.
         check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
             of the batch dimension (see :func:`convert.check_forward`).
         fuse: run BatchNorm2d → ReLU (→ MaxPool2d(2)) sequences inside ``nn.Sequential``
@@ -63,18 +69,24 @@ class Ensemble(nn.Module):
         conv_impl: str = "auto",
         check_forward: bool = True,
         fuse: bool = True,
+        member_offset: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
             raise ValueError(f"Ensemble: n_members must be a positive int, got {n_members!r}")
+        if isinstance(member_offset, bool) or not isinstance(member_offset, int) \
+                or member_offset < 0:
+            raise ValueError(f"Ensemble: member_offset must be an int >= 0, got "
+                             f"{member_offset!r}")
         if init not in INITS:
             raise ValueError(f"Ensemble: init must be one of {INITS}, got {init!r}")
-        members = _build_members(model_or_factory, n_members, init, seed)
+        members = _build_members(model_or_factory, n_members, init, seed, member_offset)
         template = members[0]
         if check_forward:
             check_forward_fn(template)
         self.n_members = n_members
         self.init = init
+        self.member_offset = member_offset
         self._ctx = MemberContext(n_members)
         self.net = convert(members, self._ctx, conv_impl=conv_impl, fuse=fuse)
         # A CPU copy of the original module: member(i) clones it and loads member i.
@@ -194,7 +206,8 @@ class Ensemble(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"n_members={self.n_members}, init={self.init!r}"
+        offset = f", member_offset={self.member_offset}" if self.member_offset else ""
+        return f"n_members={self.n_members}, init={self.init!r}{offset}"
 
 
 check_forward_fn = check_forward
@@ -205,7 +218,8 @@ def _signature(model: nn.Module) -> list:
             + [(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()])
 
 
-def _build_members(source, n: int, init: str, seed: int | None) -> list[nn.Module]:
+def _build_members(source, n: int, init: str, seed: int | None,
+                   offset: int = 0) -> list[nn.Module]:
     if isinstance(source, nn.Module):
         if init != "shared":
             raise ValueError("Ensemble: init='independent' needs a factory (a callable "
@@ -231,7 +245,7 @@ def _build_members(source, n: int, init: str, seed: int | None) -> list[nn.Modul
     if init == "shared":
         return [build(seed)] * n
     base = 0 if seed is None else seed
-    members = [build(member_seed(base, STREAM_INIT, i)) for i in range(n)]
+    members = [build(member_seed(base, STREAM_INIT, offset + i)) for i in range(n)]
     ref = _signature(members[0])
     for i, model in enumerate(members[1:], 1):
         if _signature(model) != ref:

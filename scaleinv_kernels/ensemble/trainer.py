@@ -32,6 +32,10 @@ class EnsembleTrainer:
         seed: member ``i`` visits the data in the order ``randperm(N)`` drawn from a
             generator seeded by ``(seed, i, epoch)`` only (see :mod:`.seeding`): its own
             SGD noise, reproducible whatever M, the chunking or a resume.
+        member_offset: the global index of ``ens``'s first member (default 0; normally
+            ``ens.member_offset``): local member i draws its data order from
+            ``(seed, member_offset + i, epoch)``, so a rank training members a…b−1 of a
+            sharded ensemble gives them the data order they have in the unsplit one.
         loss: ``loss(logits [n, K], targets [n], reduction="none") -> [n]``. Each
             member's loss is the mean over its own batch, and the backward pass runs on the
             SUM of the member losses, so each member's gradient equals single-model
@@ -55,6 +59,7 @@ class EnsembleTrainer:
         loss: Callable[..., Tensor] = F.cross_entropy,
         chunk_size: int | None = None,
         progress: bool = True,
+        member_offset: int = 0,
     ) -> None:
         if not isinstance(ens, Ensemble):
             raise TypeError(f"EnsembleTrainer: ens must be an Ensemble, got {type(ens).__name__}")
@@ -72,6 +77,10 @@ class EnsembleTrainer:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"EnsembleTrainer: chunk_size must be None or a positive int, "
                              f"got {chunk_size!r}")
+        if isinstance(member_offset, bool) or not isinstance(member_offset, int) \
+                or member_offset < 0:
+            raise ValueError(f"EnsembleTrainer: member_offset must be an int >= 0, got "
+                             f"{member_offset!r}")
         owned = {id(p) for p in ens.parameters()}
         foreign = [i for g in optimizer.param_groups for i, p in enumerate(g["params"])
                    if id(p) not in owned]
@@ -84,15 +93,18 @@ class EnsembleTrainer:
         self.batch_size, self.seed = batch_size, int(seed)
         self.chunk_size = chunk_size or ens.n_members
         self.progress = progress
+        self.member_offset = member_offset
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []  # per epoch: {"epoch", "lr", "weight_decay", ...}
 
     # ---- data order ---------------------------------------------------------------------
     def permutations(self, epoch: int, members: Sequence[int] | None = None) -> Tensor:
-        """int64 [len(members), N]: each member's visiting order in ``epoch``."""
+        """int64 [len(members), N]: each member's visiting order in ``epoch`` (``members``:
+        local indices, default all; global index = ``member_offset`` + local)."""
         members = range(self.ens.n_members) if members is None else members
-        n = len(self.X)
-        perms = [torch.randperm(n, generator=member_generator(self.seed, STREAM_DATA, i, epoch))
+        n, off = len(self.X), self.member_offset
+        perms = [torch.randperm(n, generator=member_generator(self.seed, STREAM_DATA, off + i,
+                                                              epoch))
                  for i in members]
         return torch.stack(perms).to(self.device)
 

@@ -6,6 +6,11 @@
 (also ``python -m scaleinv_kernels.experiments ...``). Writes
 ``<out>/<experiment>/result.json`` and ``figure.png``; long runs checkpoint to
 ``<out>/<experiment>/checkpoint.pt`` and continue from it with ``--resume``.
+
+Experiments with ``DISTRIBUTED = True`` (fig4-equilibrium) also run under
+``torchrun --nproc_per_node=N -m scaleinv_kernels.experiments ...``: their ensemble
+members are split over the ranks, and only rank 0 writes the result, figure and
+checkpoints (see :mod:`scaleinv_kernels.ensemble.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from scaleinv_kernels.ensemble.distributed import close_distributed, init_distributed
 from scaleinv_kernels.experiments.common import PRESET_NAMES, RunContext, write_result
 
 #: command name → module (imported lazily, so ``--help`` stays fast)
@@ -85,14 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaleinv: --data {data} needs --data-root DIR (an existing torchvision-format "
               "folder; nothing is downloaded)", file=sys.stderr)
         return 2
-    out = args.out / args.experiment
-    ctx = RunContext(name=args.experiment, preset=args.preset, config=config, out=out,
-                     device=device, seed=args.seed, data=data, data_root=args.data_root,
-                     resume=args.resume, progress=not args.no_progress)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    result = module.run(ctx)
-    runtime = time.perf_counter() - t0
+    info = init_distributed(device)  # single process unless torchrun set WORLD_SIZE > 1
+    try:
+        if info.distributed and not getattr(module, "DISTRIBUTED", False):
+            print(f"scaleinv: {args.experiment} does not support several processes "
+                  f"(WORLD_SIZE={info.world_size}); run it without torchrun", file=sys.stderr)
+            return 2
+        device = info.device
+        out = args.out / args.experiment
+        ctx = RunContext(name=args.experiment, preset=args.preset, config=config, out=out,
+                         device=device, seed=args.seed, data=data, data_root=args.data_root,
+                         resume=args.resume, progress=not args.no_progress, dist=info)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        result = module.run(ctx)
+        runtime = time.perf_counter() - t0
+    finally:
+        close_distributed(info)
+    if not info.is_main:
+        return 0  # the main rank writes everything
     result = {"experiment": args.experiment, "preset": args.preset, "seed": args.seed,
               "device": str(device), "data": data, "config": config, **result,
               "runtime_s": runtime}

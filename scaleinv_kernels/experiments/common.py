@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from scaleinv_kernels.ensemble.distributed import DistInfo
+
 PRESET_NAMES = ("smoke", "quick", "full")
 CHECKPOINT = "checkpoint.pt"
 
@@ -50,6 +52,9 @@ class RunContext:
     data_root: Path | None = None
     resume: bool = False
     progress: bool = True
+    #: this process's rank under torchrun (a single process by default); only the main
+    #: rank writes checkpoints and shows progress
+    dist: DistInfo = field(default_factory=DistInfo)
     started: float = field(default_factory=time.perf_counter)
 
     # ---- checkpoints ------------------------------------------------------------------
@@ -70,7 +75,10 @@ class RunContext:
         return saved["state"]
 
     def checkpoint(self, state: dict) -> None:
-        """Atomically replace the checkpoint with ``state`` (temp file + rename)."""
+        """Atomically replace the checkpoint with ``state`` (temp file + rename); only the
+        main rank writes (``state`` must then hold every member: gather first)."""
+        if not self.dist.is_main:
+            return
         atomic_save({"config": self._identity(), "state": state}, self.checkpoint_path)
 
     def _identity(self) -> dict:
@@ -80,7 +88,7 @@ class RunContext:
     def progress_bar(self, iterable, **kwargs):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, disable=not self.progress, leave=False,
+        return tqdm(iterable, disable=not (self.progress and self.dist.is_main), leave=False,
                     desc=kwargs.pop("desc", self.name), **kwargs)
 
     def elapsed(self) -> float:

@@ -39,6 +39,17 @@ per-member ``lr``/``weight_decay`` tensors in :class:`~scaleinv_kernels.FusedSGD
 Predictions use BatchNorm running statistics (eval mode). The noise floor at each
 evaluation is :func:`~scaleinv_kernels.ensemble.metrics.noise_floor` (split halves,
 rescaled to M members) averaged over the schedules.
+
+Several processes (``torchrun --nproc_per_node=N -m scaleinv_kernels.experiments
+fig4-equilibrium ...``): the S·M global members are split into contiguous blocks over the
+ranks (:func:`~scaleinv_kernels.ensemble.distributed.member_range`; global member g
+follows schedule g // M); each rank trains its block as an Ensemble with
+``member_offset`` = the block's start and the per-member lr/wd of ITS members. Per
+epoch the members' training losses and effective LRs, per evaluation their predictions,
+are gathered; rank 0 computes every metric and writes the checkpoints, which hold every
+member, so a run can resume with any number of processes. On the CPU the result is
+bitwise that of one process (every member's computation is independent of how many
+members share its process).
 """
 
 from __future__ import annotations
@@ -52,6 +63,12 @@ from torch import nn
 
 from scaleinv_kernels.data import load_dataset
 from scaleinv_kernels.ensemble import Ensemble, EnsembleTrainer
+from scaleinv_kernels.ensemble.distributed import (
+    gather_members,
+    gather_trainer_state,
+    member_range,
+    slice_trainer_state,
+)
 from scaleinv_kernels.ensemble.metrics import (
     l1_distance,
     label_distribution,
@@ -70,6 +87,7 @@ from scaleinv_kernels.scale_invariance import freeze_last_layer, normalized_cnn
 
 NAME = "fig4-equilibrium"
 USES_DATA = True
+DISTRIBUTED = True  # members may be split over torchrun processes
 
 # (lr, wd) before and after the equalization epoch, per schedule
 _SCHEDULES = {
@@ -118,10 +136,13 @@ def schedule_tensors(config: dict, device: torch.device):
     return at
 
 
-def run(ctx: RunContext) -> dict:
+def run(ctx: RunContext) -> dict | None:
+    """The result on the main rank; None on the other ranks under torchrun."""
     c = ctx.config
     names = list(c["schedules"])
     m, s = c["members"], len(names)
+    info = ctx.dist
+    mine = member_range(s * m, info.rank, info.world_size)  # this rank's global members
     X, Y, Xt, Yt = load_dataset(ctx.data, ctx.data_root, ctx.device)
     if c["train_subset"]:
         X, Y = X[:c["train_subset"]], Y[:c["train_subset"]]
@@ -133,24 +154,42 @@ def run(ctx: RunContext) -> dict:
         def factory():
             return normalized_cnn(in_channels=in_ch)
     # every member of every schedule starts from the same weights
-    ens = Ensemble(factory, s * m, init="shared", seed=ctx.seed).to(ctx.device)
+    ens = Ensemble(factory, len(mine), init="shared", seed=ctx.seed,
+                   member_offset=mine.start).to(ctx.device)
     named = [(n, p) for n, p in ens.named_parameters() if p.requires_grad]
     opt = FusedSGDWD(named, lr=0.0, momentum=c["momentum"], weight_decay=0.0)
     trainer = EnsembleTrainer(ens, opt, (X, Y), c["batch_size"], seed=ctx.seed,
-                              chunk_size=c["chunk_size"], progress=False)
-    lr_wd = schedule_tensors(c, ctx.device)
+                              chunk_size=c["chunk_size"], progress=False,
+                              member_offset=mine.start)
+    all_lr_wd = schedule_tensors(c, ctx.device)
+
+    def lr_wd(epoch: int):
+        lr, wd = all_lr_wd(epoch)
+        return lr[mine.start:mine.stop], wd[mine.start:mine.stop]
+
     curves = {"eval_epochs": [], "l1": {f"{a}|{b}": [] for a, b in
                                         itertools.combinations(names, 2)},
               "noise_floor": [], "test_accuracy": {n: [] for n in names},
               "effective_lr": {n: {} for n in names}, "train_loss": {n: [] for n in names}}
     state = ctx.restore()
     if state is not None:
-        trainer.load_state_dict(state["trainer"])
+        # the checkpoint holds every member (any world size wrote it): take ours
+        trainer.load_state_dict(slice_trainer_state(state["trainer"], mine))
         curves = state["curves"]
         set_rng_state(state["rng"])
+    if info.distributed:
+        # a rank that saw no (or another) checkpoint would train other epochs and hang
+        # the collectives: every rank must start from the same epoch
+        starts = gather_members(torch.tensor([trainer.epoch]), info)
+        if bool((starts != starts[0]).any()):
+            raise RuntimeError(f"{NAME}: the ranks resume from different epochs "
+                               f"{starts.tolist()}; with --resume every rank must see the "
+                               f"same {ctx.checkpoint_path} (a shared file system)")
 
     def evaluate(epoch: int) -> None:
-        preds = predict(ens, Xt, batch_size=1000)
+        preds = gather_members(predict(ens, Xt, batch_size=1000), info)  # [S·M, N]
+        if not info.is_main:
+            return
         parts = {n: preds[i * m:(i + 1) * m] for i, n in enumerate(names)}
         dist = {n: label_distribution(p, 10) for n, p in parts.items()}
         curves["eval_epochs"].append(epoch)
@@ -166,18 +205,28 @@ def run(ctx: RunContext) -> dict:
     for epoch in bar:
         record = trainer.fit(1, schedule=lr_wd)[0]
         stats = opt.layer_stats()
-        eff = stats.per_member("effective_lr")  # [S·M, layers]
-        for i, n in enumerate(names):
-            curves["train_loss"][n].append(float(record["train_loss"][i * m:(i + 1) * m].mean()))
-            layer_means = eff[i * m:(i + 1) * m].double().mean(0)
-            for j, (pname, _) in enumerate(named):
-                curves["effective_lr"][n].setdefault(pname, []).append(float(layer_means[j]))
+        # one gather per epoch: column 0 the training loss, then the per-layer effective LR
+        local = torch.cat([record["train_loss"].float().view(-1, 1),
+                           stats.per_member("effective_lr").to(record["train_loss"].device)],
+                          dim=1)
+        both = gather_members(local, info)  # [S·M, 1 + layers]
+        # contiguous, as in one process: a strided view could be reduced in another order
+        loss, eff = both[:, 0].contiguous(), both[:, 1:].contiguous()
+        if info.is_main:
+            for i, n in enumerate(names):
+                curves["train_loss"][n].append(float(loss[i * m:(i + 1) * m].mean()))
+                layer_means = eff[i * m:(i + 1) * m].double().mean(0)
+                for j, (pname, _) in enumerate(named):
+                    curves["effective_lr"][n].setdefault(pname, []).append(
+                        float(layer_means[j]))
         done = epoch + 1
         if done % c["eval_every"] == 0 or done == c["equalize_epoch"] or done == c["epochs"]:
             evaluate(done)
         if done % c["checkpoint_every"] == 0 and done < c["epochs"]:
-            ctx.checkpoint({"trainer": trainer.state_dict(), "curves": curves,
-                            "rng": cpu_rng_state()})
+            full = gather_trainer_state(trainer.state_dict(), info)  # every rank takes part
+            ctx.checkpoint({"trainer": full, "curves": curves, "rng": cpu_rng_state()})
+    if not info.is_main:
+        return None
     eq = curves["eval_epochs"].index(c["equalize_epoch"])
     floors = curves["noise_floor"]
     pairs = list(curves["l1"])
