@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scaleinv: {args.experiment} does not support several processes "
                   f"(WORLD_SIZE={info.world_size}); run it without torchrun", file=sys.stderr)
             return 2
-        device = info.device
+        requested, device = device, info.device  # cuda → cuda:LOCAL_RANK under torchrun
         out = args.out / args.experiment
         ctx = RunContext(name=args.experiment, preset=args.preset, config=config, out=out,
                          device=device, seed=args.seed, data=data, data_root=args.data_root,
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not info.is_main:
         return 0  # the main rank writes everything
     result = {"experiment": args.experiment, "preset": args.preset, "seed": args.seed,
-              "device": str(device), "data": data, "config": config, **result,
+              "device": str(requested), "data": data, "config": config, **result,
               "runtime_s": runtime}
     write_result(result, out)
     module.plot(result, out / "figure.png")

@@ -199,6 +199,19 @@ def test_slice_trainer_state_errors():
         D.slice_trainer_state({"epoch": 1}, range(0, 1))
 
 
+def test_a_failed_collective_names_the_rank_and_the_timeout(monkeypatch):
+    def timed_out(out, tensor):
+        raise RuntimeError("Timed out waiting 5000ms for send operation to complete")
+
+    monkeypatch.setattr(D, "_all_gather", timed_out)
+    monkeypatch.setenv(D.TIMEOUT_ENV, "5")
+    info = D.DistInfo(rank=1, world_size=2, is_main=False)
+    with pytest.raises(RuntimeError, match=r"rank 1/2: gather_members \(counts\) failed .*"
+                                           r"another rank has probably died.*"
+                                           r"SCALEINV_DIST_TIMEOUT=5 s"):
+        D.gather_members(torch.zeros(2, 3), info)
+
+
 def test_timeout_env(monkeypatch):
     monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
     assert D.dist_timeout_s() == 120.0
