@@ -19,15 +19,7 @@ from scaleinv_kernels.theory import (
     predicted_effective_lr,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny fp64 nets: one thread is several times faster than two (and immune to a busy
-    machine's oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_mlp(seed=0, width=32, eps=1e-30, dtype=torch.float64):

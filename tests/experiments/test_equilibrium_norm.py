@@ -4,20 +4,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from scaleinv_kernels.experiments.cli import main
 from scaleinv_kernels.theory import predicted_angular_update
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The smoke nets are tiny: one thread is several times faster than two, and immune to
-    a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def test_equilibrium_norm_smoke(tmp_path):
     args = ["equilibrium-norm", "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]

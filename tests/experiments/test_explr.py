@@ -3,19 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from scaleinv_kernels.experiments.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The smoke nets are tiny: one thread is several times faster than two, and immune to
-    a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def test_explr_smoke(tmp_path):
     assert main(["explr", "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0

@@ -21,17 +21,6 @@ NAME = "fig1-fullbatch"
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread, as the subprocess below (OMP_NUM_THREADS=1): full-batch GD at
-    its stability edge amplifies rounding differences between thread counts, and on the
-    shared 2-core machine small convolutions run far faster on one thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
 def smoke(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("fig1fb")
     assert cli.main([NAME, "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from scaleinv_kernels.experiments import cli
 from scaleinv_kernels.experiments.fig2_small_lr import PRESETS, lr_schedule
 
 NAME = "fig2-small-lr"
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine small batches run far faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_lr_schedule():

@@ -13,15 +13,6 @@ from scaleinv_kernels.experiments.fig3_swa import PRESETS, distance_vs_lag
 NAME = "fig3-swa"
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine small batches run far faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_distance_vs_lag():
     d = torch.tensor([[0.0, 1.0, 3.0], [1.0, 0.0, 2.0], [3.0, 2.0, 0.0]])
     assert distance_vs_lag(d) == [1.5, 3.0]
