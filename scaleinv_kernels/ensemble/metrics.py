@@ -449,19 +449,27 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]]) -> dict[str
                      for i, sd in enumerate(state_dicts)], "average_state_dicts")
 
 
+def _check_same_layout(dicts: Sequence[Mapping[str, Tensor]], fn: str, noun: str,
+                       what: str, *, check_dtype: bool) -> None:
+    """Raise ValueError unless every dict has dict 0's keys and shapes (and dtypes)."""
+    ref = dicts[0]
+    for i, d in enumerate(dicts[1:], start=1):
+        if set(d) != set(ref):
+            missing, extra = sorted(set(ref) - set(d)), sorted(set(d) - set(ref))
+            raise ValueError(f"{fn}: {noun} {i} has different {what} from {noun} 0: missing "
+                             f"{missing[:5]}, unexpected {extra[:5]}")
+        for k, t in ref.items():
+            if d[k].shape != t.shape or (check_dtype and d[k].dtype != t.dtype):
+                raise ValueError(f"{fn}: entry {k!r} of {noun} {i} is {d[k].dtype} "
+                                 f"{tuple(d[k].shape)}, {noun} 0 has {t.dtype} "
+                                 f"{tuple(t.shape)}")
+
+
 def _average(sds: list[Mapping[str, Tensor]], fn: str) -> dict[str, Tensor]:
     if not sds:
         raise ValueError(f"{fn}: nothing to average (empty list)")
     ref = sds[0]
-    for i, sd in enumerate(sds[1:], start=1):
-        if set(sd) != set(ref):
-            missing, extra = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-            raise ValueError(f"{fn}: item {i} has different keys from item 0: missing "
-                             f"{missing[:5]}, unexpected {extra[:5]}")
-        for k, t in ref.items():
-            if sd[k].shape != t.shape or sd[k].dtype != t.dtype:
-                raise ValueError(f"{fn}: entry {k!r} of item {i} is {sd[k].dtype} "
-                                 f"{tuple(sd[k].shape)}, item 0 has {t.dtype} {tuple(t.shape)}")
+    _check_same_layout(sds, fn, "item", "keys", check_dtype=True)
     out: dict[str, Tensor] = {}
     for k, t in ref.items():
         if not (t.is_floating_point() or t.is_complex()):
@@ -670,15 +678,7 @@ def pairwise_distances(snapshots: Sequence[Any] | Tensor, *,
     else:
         named = [_named_weights(x, keys, fn, i) for i, x in enumerate(items)]
         ref = named[0]
-        for i, nd in enumerate(named[1:], start=1):
-            if set(nd) != set(ref):
-                missing, extra = sorted(set(ref) - set(nd)), sorted(set(nd) - set(ref))
-                raise ValueError(f"{fn}: snapshot {i} has different weights from snapshot 0: "
-                                 f"missing {missing[:5]}, unexpected {extra[:5]}")
-            for k, t in ref.items():
-                if nd[k].shape != t.shape:
-                    raise ValueError(f"{fn}: {k!r} is {tuple(nd[k].shape)} in snapshot {i} "
-                                     f"but {tuple(t.shape)} in snapshot 0")
+        _check_same_layout(named, fn, "snapshot", "weights", check_dtype=False)
         vectors = [torch.cat([nd[k].reshape(-1).double().cpu() for k in ref])
                    if ref else torch.zeros(0, dtype=torch.float64) for nd in named]
     X = torch.stack([v.to(device="cpu", dtype=torch.float64) for v in vectors])
