@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,12 +329,12 @@ def test_triton_matches_op_contract(case):
             assert_close(g, r, f"triton {name}")
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the AOT scripts import tests.aot
+
 AOT_SCRIPT = r"""
-import json, re, subprocess, sys, tempfile, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
+import json, sys
 from scaleinv_kernels.ops import norm_act as m
+from tests.aot import compile_for, ptxas_usage
 P, F, I = "*fp32", "fp32", "i32"
 kernels = {
     "stats": (m._stats_kernel, dict(x_ptr=P, sums_ptr="*fp64", C=I, HW=I, total=I,
@@ -358,18 +359,9 @@ for arch in map(int, sys.argv[1:]):
     for name, (fn, sig, variants) in kernels.items():
         # every variant for sm_90, the first (most general) one for sm_80
         for consts in variants if arch == 90 else variants[:1]:
-            signature = {**sig, **{c: "constexpr" for c in consts}}
-            src = ASTSource(fn=fn, signature=signature, constexprs=consts)
             nw = 8 if name in ("stats", "bwd_reduce") else 4
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": nw})
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                f.write(k.asm["ptx"]); f.flush()
-                gpu = f"sm_{arch}{'a' if arch == 90 else ''}"
-                info = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name,
-                                       "-o", "/dev/null"], capture_output=True, text=True).stderr
-            regs = int(re.search(r"Used (\d+) registers", info).group(1))
-            spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
+            k = compile_for(fn, sig, consts, arch, num_warps=nw)
+            regs, spills = ptxas_usage(k.asm["ptx"], arch)
             out.append(dict(arch=arch, kernel=name, consts={c: str(v) for c, v in consts.items()},
                             registers=regs, spill_bytes=spills, cubin=len(k.asm["cubin"])))
 print(json.dumps(out))
@@ -381,7 +373,7 @@ def test_triton_kernels_compile_ahead_of_time():
     lets through: types, fp64 atomics, constexpr branches), no register spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", AOT_SCRIPT, "90", "80"], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     variants = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(variants) == 11

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,12 +314,12 @@ def test_opcheck_cpu():
          [0, 3, 5], [3, 2, 1], None, table, 0.0, 0.0, 0.9, 0.0, True, False))
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the AOT scripts import tests.aot
+
 AOT_SCRIPT = r"""
-import json, re, subprocess, sys, tempfile, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
+import json, sys, triton.language as tl
 from scaleinv_kernels.ops import sgd_wd as m
+from tests.aot import compile_for, ptxas_usage
 arch = int(sys.argv[1])
 sig = {"param_ptrs": "*i64", "grad_ptrs": "*i64", "buf_ptrs": "*i64", "fresh_ptr": "*i8",
        "work_ptr": "*i64", "stats_ptr": "*fp64", "lr_ptr": "*fp32", "hparams_ptr": "*fp64",
@@ -332,19 +333,9 @@ for dtype in (tl.float32, tl.bfloat16, tl.float16):
         consts = dict(DTYPE=dtype, HAS_WD=not seg, HAS_MOMENTUM=mom, NESTEROV=mom,
                       MAXIMIZE=False, TRACK_STATS=stats, LR_FROM_TENSOR=lrt, PER_SEGMENT=seg,
                       BLOCK=m.BLOCK)
-        signature = {**sig, **{c: "constexpr" for c in consts}}
-        src = ASTSource(fn=m._sgd_wd_kernel, signature=signature, constexprs=consts)
-        k = triton.compile(src,
-                           target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": 8, "enable_fp_fusion": False})
-        # registers/spills: ask ptxas (CompiledKernel only knows them once loaded on a GPU)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(k.asm["ptx"]); f.flush()
-            gpu = f"sm_{arch}{'a' if arch == 90 else ''}"
-            info = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name,
-                                   "-o", "/dev/null"], capture_output=True, text=True).stderr
-        regs = int(re.search(r"Used (\d+) registers", info).group(1))
-        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
+        k = compile_for(m._sgd_wd_kernel, sig, consts, arch, num_warps=8,
+                        enable_fp_fusion=False)
+        regs, spills = ptxas_usage(k.asm["ptx"], arch)
         out.append(dict(dtype=str(dtype), momentum=mom, stats=stats, per_segment=seg,
                         registers=regs,
                         spill_bytes=spills, ptx_fma=k.asm["ptx"].count("fma.rn.f32"),
@@ -358,7 +349,7 @@ def test_triton_kernel_compiles_ahead_of_time(arch):
     """Compile for sm_90/sm_80 without a GPU: catches what the interpreter lets through."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(arch)], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     variants = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(variants) == 9
