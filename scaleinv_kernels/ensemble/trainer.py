@@ -32,7 +32,7 @@ class EnsembleTrainer:
         seed: member ``i`` visits the data in the order ``randperm(N)`` drawn from a
             generator seeded by ``(seed, i, epoch)`` only (see :mod:`.seeding`): its own
             SGD noise, reproducible whatever M, the chunking or a resume.
-        member_offset: the global index of ``ens``'s first member (default 0; normally
+        member_offset: the global index of ``ens``'s first member (default:
             ``ens.member_offset``): local member i draws its data order from
             ``(seed, member_offset + i, epoch)``, so a rank training members a…b−1 of a
             sharded ensemble gives them the data order they have in the unsplit one.
@@ -59,7 +59,7 @@ class EnsembleTrainer:
         loss: Callable[..., Tensor] = F.cross_entropy,
         chunk_size: int | None = None,
         progress: bool = True,
-        member_offset: int = 0,
+        member_offset: int | None = None,
     ) -> None:
         if not isinstance(ens, Ensemble):
             raise TypeError(f"EnsembleTrainer: ens must be an Ensemble, got {type(ens).__name__}")
@@ -77,6 +77,8 @@ class EnsembleTrainer:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"EnsembleTrainer: chunk_size must be None or a positive int, "
                              f"got {chunk_size!r}")
+        if member_offset is None:
+            member_offset = ens.member_offset
         if isinstance(member_offset, bool) or not isinstance(member_offset, int) \
                 or member_offset < 0:
             raise ValueError(f"EnsembleTrainer: member_offset must be an int >= 0, got "
