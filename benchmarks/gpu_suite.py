@@ -12,7 +12,9 @@
    round-robin rounds, next to a device-to-device copy bandwidth (>= 1 GiB, read + write
    counted) measured in the same run.
 
-4. One training step of M = 500 copies of the normalized CNN (``ensemble_cases.py``):
+4. The fused ``bn_act_pool`` op on CUDA (Triton) against its torch reference (max
+   relative differences) and its forward+backward time next to torch's three ops; then
+   one training step of M = 500 copies of the normalized CNN (``ensemble_cases.py``):
    Ensemble + FusedSGDWD in one pass vs an eager loop of 500 models vs torch.func vmap,
    timed with CUDA events (median of a few steps; skipped past the budget).
 
@@ -171,6 +173,66 @@ def format_table(cases: list[dict], copy_gbps: float) -> str:
     return "\n".join(lines)
 
 
+def check_norm_act(device: str, shape: tuple[int, ...] = (8, 6, 7, 5), seed: int = 0) -> dict:
+    """Fused ``bn_act_pool`` (training, affine, ReLU, 2×2 pool) against the plain-torch
+    reference on ``device``: max relative differences of out, dx, dweight, dbias and the
+    running statistics (relative to the reference's largest entry)."""
+    import torch
+
+    from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x0 = torch.randn(shape, generator=g).to(device)
+    w0 = (torch.rand(c, generator=g) + 0.5).to(device)
+    b0 = torch.randn(c, generator=g).to(device)
+    gy = None
+    results = {}
+    for name, fn in (("fused", bn_act_pool), ("reference", bn_act_pool_reference)):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+        out = fn(x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5)
+        if gy is None:
+            gy = torch.randn(out.shape, generator=g).to(device)
+        out.backward(gy)
+        results[name] = dict(out=out, dx=x.grad, dw=w.grad, db=b.grad, rm=rm, rv=rv)
+    diff = {}
+    for k, ref in results["reference"].items():
+        scale = float(ref.detach().abs().max()) or 1.0
+        diff[k] = float((results["fused"][k].detach() - ref.detach()).abs().max()) / scale
+    return diff
+
+
+def time_norm_act(shape: tuple[int, ...] = (64, 64 * 16, 28, 28), steps: int = 5) -> dict:
+    """ms per forward+backward (CUDA events, median) of fused ``bn_act_pool`` and of torch's
+    batch_norm → relu → max_pool2d on a 64-member activation."""
+    import torch
+
+    from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    c = shape[1]
+    gy = torch.randn(shape[0], c, shape[2] // 2, shape[3] // 2, device="cuda")
+    out = {}
+    for name, fn in (("fused", bn_act_pool), ("torch", bn_act_pool_reference)):
+        rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+
+        def step():
+            fn(x, None, None, rm, rv, training=True).backward(gy)
+
+        step()
+        times = []
+        for _ in range(steps):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            step()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1))
+        out[name] = statistics.median(times)
+    return out
+
+
 def bench_ensemble(members: int, deadline: float, steps: int = 3) -> dict:
     """ms per training step of each ensemble variant (CUDA events, median of ``steps``
     after one warm-up step); a variant that fails or starts past ``deadline`` is recorded
@@ -265,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      budget spent: {key} skipped", flush=True)
             break
         out["cases"].append(bench_case(key, args.rounds, deadline))
-    print(f"[4/4] ensemble step, M={args.members}", flush=True)
+    print("[4/4] fused bn_act_pool vs reference on CUDA; ensemble step, "
+          f"M={args.members}", flush=True)
+    try:
+        out["norm_act"] = {"max_rel_diff": check_norm_act("cuda"), "ms": time_norm_act()}
+    except Exception as err:  # report and go on
+        out["norm_act"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    print(f"      {out['norm_act']}", flush=True)
     out["ensemble"] = bench_ensemble(args.members, deadline + 40.0)
     out["seconds"] = time.monotonic() - start
     if args.json is not None:
@@ -289,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in out["cases"]:
         for k, msg in case["errors"].items():
             print(f"error: {case['case']} / {k}: {msg}")
+    print(f"bn_act_pool [64, 1024, 28, 28] fwd+bwd: {out['norm_act']}")
     print(format_ensemble(out["ensemble"], args.members))
     # rc 5: pytest collected no test (no CUDA tests yet), not a failure of this suite
     failed = (tests["rc"] not in (0, None, 5) or tests["summary"].startswith("timed out")

@@ -130,3 +130,11 @@ def test_gpu_suite_without_cuda(capsys) -> None:
                                "rounds": 3,
                                "ms": {k: [1.0, 0.9, 1.1] for k in gpu.GPU_VARIANTS}}], 100.0)
     assert table.count("\n") >= len(gpu.GPU_VARIANTS) + 2
+
+
+def test_gpu_suite_norm_act_check_runs_on_cpu() -> None:
+    """The GPU suite's bn_act_pool comparison, run on the CPU kernel: tiny differences."""
+    suite = _bench_module("gpu_suite")
+    diff = suite.check_norm_act("cpu")
+    assert set(diff) == {"out", "dx", "dw", "db", "rm", "rv"}
+    assert all(d <= 1e-5 for d in diff.values()), diff
