@@ -203,6 +203,23 @@ def check_norm_act(device: str, shape: tuple[int, ...] = (8, 6, 7, 5), seed: int
     return diff
 
 
+def cuda_median_ms(step, steps: int) -> float:
+    """Median ms of ``step()`` over ``steps`` calls timed with CUDA events, after one
+    warm-up call."""
+    import torch
+
+    step()
+    times = []
+    for _ in range(steps):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        step()
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1))
+    return statistics.median(times)
+
+
 def time_norm_act(shape: tuple[int, ...] = (64, 64 * 16, 28, 28), steps: int = 5) -> dict:
     """ms per forward+backward (CUDA events, median) of fused ``bn_act_pool`` and of torch's
     batch_norm → relu → max_pool2d on a 64-member activation."""
@@ -220,16 +237,7 @@ def time_norm_act(shape: tuple[int, ...] = (64, 64 * 16, 28, 28), steps: int = 5
         def step():
             fn(x, None, None, rm, rv, training=True).backward(gy)
 
-        step()
-        times = []
-        for _ in range(steps):
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            step()
-            t1.record()
-            torch.cuda.synchronize()
-            times.append(t0.elapsed_time(t1))
-        out[name] = statistics.median(times)
+        out[name] = cuda_median_ms(step, steps)
     return out
 
 
@@ -247,16 +255,7 @@ def bench_ensemble(members: int, deadline: float, steps: int = 3) -> dict:
             continue
         try:
             step = BUILDERS[key](members, device="cuda")
-            step()
-            times = []
-            for _ in range(steps):
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0.record()
-                step()
-                t1.record()
-                torch.cuda.synchronize()
-                times.append(t0.elapsed_time(t1))
-            result["ms"][key] = statistics.median(times)
+            result["ms"][key] = cuda_median_ms(step, steps)
             del step
         except Exception as err:  # report and go on: the other variants still count
             result["errors"][key] = f"{type(err).__name__}: {err}"[:300]
