@@ -27,3 +27,16 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: 
         i = int(err.argmax())
         raise AssertionError(f"{what}: worst at {i}: {a[i].item()!r} vs {e[i].item()!r} "
                              f"(rtol={rtol}, atol={atol})")
+
+
+def run_experiment(tmp_path, name: str, *args: str) -> dict:
+    """Run ``scaleinv <name> *args`` in-process into ``tmp_path``; check it wrote a real
+    figure and removed its checkpoint; return its result.json."""
+    import json
+
+    from scaleinv_kernels.experiments import cli
+
+    assert cli.main([name, *args, "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / name / "figure.png").stat().st_size > 10_000
+    assert not (tmp_path / name / "checkpoint.pt").exists()  # removed once finished
+    return json.loads((tmp_path / name / "result.json").read_text())

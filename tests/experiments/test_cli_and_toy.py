@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from scaleinv_kernels.experiments import cli
-
-
-def run(tmp_path, *args):
-    assert cli.main([*args, "--out", str(tmp_path), "--no-progress"]) == 0
-    name = args[0]
-    assert (tmp_path / name / "figure.png").stat().st_size > 10_000
-    assert not (tmp_path / name / "checkpoint.pt").exists()  # removed once finished
-    return json.loads((tmp_path / name / "result.json").read_text())
+from tests.helpers import run_experiment
 
 
 def test_fig1_toy_claim(tmp_path):
-    r = run(tmp_path, "fig1-toy", "--preset", "smoke")
+    r = run_experiment(tmp_path, "fig1-toy", "--preset", "smoke")
     steps = r["config"]["steps"]
     for key in ("loss_wd", "loss_nowd", "norm_wd", "norm_nowd"):
         assert len(r[key]) == steps

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from scaleinv_kernels.experiments import cli
 from scaleinv_kernels.experiments.fig2_small_lr import PRESETS, lr_schedule
+from tests.helpers import run_experiment
 
 NAME = "fig2-small-lr"
 
@@ -18,10 +16,7 @@ def test_lr_schedule():
 
 
 def test_smoke(tmp_path, one_thread):
-    assert cli.main([NAME, "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert (tmp_path / NAME / "figure.png").stat().st_size > 10_000
-    assert not (tmp_path / NAME / "checkpoint.pt").exists()
-    r = json.loads((tmp_path / NAME / "result.json").read_text())
+    r = run_experiment(tmp_path, NAME, "--preset", "smoke")
     c = PRESETS["smoke"]
     n = {"normal": c["epochs"], "small": c["epochs"] + c["extra_epochs"]}
     assert set(r["schedules"]) == set(r["test_accuracy"]) == {"normal", "small"}

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from scaleinv_kernels.experiments import cli
 from scaleinv_kernels.experiments.fig3_swa import PRESETS, distance_vs_lag
+from tests.helpers import run_experiment
 
 NAME = "fig3-swa"
 
@@ -19,10 +17,7 @@ def test_distance_vs_lag():
 
 
 def test_smoke(tmp_path, one_thread):
-    assert cli.main([NAME, "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert (tmp_path / NAME / "figure.png").stat().st_size > 10_000
-    assert not (tmp_path / NAME / "checkpoint.pt").exists()
-    r = json.loads((tmp_path / NAME / "result.json").read_text())
+    r = run_experiment(tmp_path, NAME, "--preset", "smoke")
     c = PRESETS["smoke"]
     E = c["epochs"]
     assert r["epochs"] == list(range(E))

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
-from scaleinv_kernels.experiments import cli
+from tests.helpers import run_experiment
 
 
 def test_fig4_smoke(tmp_path):
-    assert cli.main(["fig4-equilibrium", "--preset", "smoke", "--out", str(tmp_path),
-                     "--no-progress"]) == 0
-    r = json.loads((tmp_path / "fig4-equilibrium" / "result.json").read_text())
+    r = run_experiment(tmp_path, "fig4-equilibrium", "--preset", "smoke")
     c = r["config"]
     n_eval = len(r["eval_epochs"])
     assert r["eval_epochs"][-1] == c["epochs"] and c["equalize_epoch"] in r["eval_epochs"]
