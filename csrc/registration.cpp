@@ -28,6 +28,18 @@ TORCH_LIBRARY(scaleinv, m) {
       "bn_act_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, Tensor out, Tensor index, bool training, bool relu, int pool, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor? grad_weight, Tensor? grad_bias)");
+
+  // Direct grouped 2-D convolution, stride 1, dilation 1, zero padding <= kernel - 1,
+  // for few input channels per group (an ensemble's first convolution); same result as
+  // F.conv2d(x, weight, bias, 1, padding, 1, groups).
+  // See scaleinv_kernels/ops/direct_conv.py for the full contract.
+  m.def(
+      "direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int groups, int[2] padding) "
+      "-> Tensor");
+  m.def(
+      "direct_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int groups, "
+      "int[2] padding, bool[3] output_mask) -> (Tensor? grad_x, Tensor? grad_weight, "
+      "Tensor? grad_bias)");
 }
 
 // An importable (empty) Python module, so that `import scaleinv_kernels._C` loads this

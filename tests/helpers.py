@@ -40,3 +40,15 @@ def run_experiment(tmp_path, name: str, *args: str) -> dict:
     assert (tmp_path / name / "figure.png").stat().st_size > 10_000
     assert not (tmp_path / name / "checkpoint.pt").exists()  # removed once finished
     return json.loads((tmp_path / name / "result.json").read_text())
+
+
+def assert_close(actual, expected, what, rtol=1e-5):
+    """|a - e| <= rtol * max|e| (the scale of the whole tensor), reporting the worst."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = max(float(e.abs().max()), 1e-30) if e.numel() else 1.0
+    err = (a - e).abs()
+    if e.numel() and float(err.max()) > rtol * scale:
+        i = int(err.reshape(-1).argmax())
+        raise AssertionError(f"{what}: worst at flat index {i}: {a.reshape(-1)[i].item()!r} "
+                             f"vs {e.reshape(-1)[i].item()!r} (max |expected| {scale:.3g})")

@@ -30,7 +30,8 @@ class Ensemble(nn.Module):
         seed: seed of the initialisation (None: the current global RNG state, for
             ``"shared"``; ``"independent"`` then uses seed 0).
         conv_impl: ``"auto"`` (default, chosen per layer), ``"grouped"`` (one grouped
-            convolution per layer) or ``"loop"`` (one convolution per member); see
+            convolution per layer), ``"loop"`` (one convolution per member) or
+            ``"direct"`` (``scaleinv::direct_conv2d``, CPU, stride-1 Conv2d); see
             :class:`~.layers.MemberConv`.
         member_offset: the global index of this ensemble's first member (default 0), for
             an ensemble holding members ``member_offset … member_offset + M − 1`` of a

@@ -37,10 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scaleinv_kernels._extension import extension_loaded
+from scaleinv_kernels.ops.direct_conv import SUPPORTED_DTYPES as DIRECT_DTYPES
+from scaleinv_kernels.ops.direct_conv import direct_conv2d
 from scaleinv_kernels.ops.norm_act import bn_act_pool
 from scaleinv_kernels.optim.members import mark_members
 
-CONV_IMPLS = ("auto", "grouped", "loop")
+CONV_IMPLS = ("auto", "grouped", "loop", "direct")
 
 
 @dataclass
@@ -150,11 +153,15 @@ class MemberConv(MemberLayer):
 
     ``impl="grouped"``: ONE convolution with ``groups = m·groups`` on the free view
     ``[B, m·C, ...]`` of the folded input. ``impl="loop"``: one convolution per member on
-    strided slices, outputs stacked. ``impl="auto"`` (default): grouped on CUDA, and on
-    CPU when a group has at least 4 input channels, else the loop. Measured on this
-    2-core CPU (4 members, batch 64, fwd+bwd, 3×3): 1→16 channels at 28×28, grouped
-    18.1 ms vs loop 5.2 ms (oneDNN's grouped kernel with one input channel per group is
-    slow); 16→32 at 14×14, 10.2 vs 12.7 ms; 32→32 at 7×7, 4.4 vs 6.1 ms.
+    strided slices, outputs stacked. ``impl="direct"``: the grouped convolution computed by
+    ``scaleinv::direct_conv2d`` (CPU kernel for few input channels per group; Conv2d with
+    stride 1, dilation 1 and padding < kernel size only, else ``ValueError`` at the call).
+    ``impl="auto"`` (default): grouped on CUDA and on CPU when a group has at least 4
+    input channels; below that on CPU, direct where it applies (and the compiled extension
+    is loaded), else the loop. Measured on this 2-core CPU (4 members, batch 64, fwd+bwd,
+    3×3): 1→16 channels at 28×28, grouped 15.9 ms, loop 7.5 ms, direct 3.5 ms (oneDNN's
+    grouped kernel with one input channel per group is slow); 16→32 at 14×14, grouped
+    7.8 ms vs loop 12.4 ms; 32→32 at 7×7, 4.1 vs 6.6 ms.
     """
 
     def __init__(self, convs: Sequence[nn.Conv1d | nn.Conv2d], ctx: MemberContext,
@@ -181,6 +188,28 @@ class MemberConv(MemberLayer):
                 f"{self.out_channels}, k={self.kernel_size}, stride={self.stride}, "
                 f"groups={self.groups}, bias={self.bias is not None}, impl={self.impl}")
 
+    def _direct_applies(self, x: Tensor) -> bool:
+        return (self.spatial == 2 and x.device.type == "cpu" and x.dtype in DIRECT_DTYPES
+                and self.stride == (1, 1) and self.dilation == (1, 1)
+                and not isinstance(self.padding, str)
+                and all(0 <= p < k for p, k in zip(self.padding, self.kernel_size)))
+
+    def _pick(self, x: Tensor) -> str:
+        """The implementation for this call (see the class docstring)."""
+        if self.impl == "direct":
+            if not self._direct_applies(x):
+                raise ValueError(
+                    f"Ensemble: conv_impl='direct' needs a CPU float32/float64 Conv2d with "
+                    f"stride 1, dilation 1 and padding < kernel size; this layer has "
+                    f"stride={self.stride}, dilation={self.dilation}, padding={self.padding} "
+                    f"on {x.device} {x.dtype} (use conv_impl='auto')")
+            return "direct"
+        if self.impl != "auto":
+            return self.impl
+        if x.is_cuda or self.in_channels // self.groups >= 4:
+            return "grouped"
+        return "direct" if extension_loaded() and self._direct_applies(x) else "loop"
+
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         fn = F.conv1d if self.spatial == 1 else F.conv2d
         return fn(x, w, b, self.stride, self.padding, self.dilation, groups)
@@ -196,9 +225,12 @@ class MemberConv(MemberLayer):
             y = self._conv(x, wf, bf, 1)
             return _refold(y, bsz * m, o, *y.shape[2:])
         x = c.folded(x, self.kind)
-        grouped = self.impl == "grouped" or (self.impl == "auto" and (
-            x.is_cuda or self.in_channels // self.groups >= 4))
-        if grouped:
+        impl = self._pick(x)
+        if impl == "direct":
+            y = direct_conv2d(x.view(bsz, m * self.in_channels, *x.shape[2:]), wf, bf,
+                              m * self.groups, self.padding)
+            return _refold(y, bsz * m, o, *y.shape[2:])
+        if impl == "grouped":
             y = self._conv(x.view(bsz, m * self.in_channels, *x.shape[2:]), wf, bf,
                            m * self.groups)
             return _refold(y, bsz * m, o, *y.shape[2:])

@@ -116,6 +116,27 @@ def test_conv_impls_match_member_loop(name, impl):
     compare_with_loop(factory, 4, shape, train=True, conv_impl=impl)
 
 
+@pytest.mark.parametrize("name", ["conv2d", "conv2d-groups"])
+def test_direct_conv_impl_matches_member_loop(name):
+    factory, shape = LAYERS[name]
+    compare_with_loop(factory, 4, shape, train=True, conv_impl="direct")
+
+
+def test_auto_picks_direct_for_few_input_channels_on_cpu():
+    ens = Ensemble(normalized_cnn, 2, init="independent", seed=0)
+    convs = [mod for mod in ens.modules() if type(mod).__name__ == "MemberConv"]
+    x = torch.randn(2, 3, 1, 8, 8)
+    picks = [conv._pick(x.new_empty(6, conv.in_channels, 8, 8)) for conv in convs]
+    assert picks == ["direct", "grouped", "grouped"]  # 1 input channel, then 16 and 32
+
+
+def test_direct_conv_impl_refuses_strided_conv():
+    factory, shape = LAYERS["conv2d-stride-dil-nobias"]
+    ens = Ensemble(factory, 2, init="independent", seed=0, conv_impl="direct")
+    with pytest.raises(ValueError, match="conv_impl='direct' needs"):
+        ens(torch.randn(2, *shape))
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("net", ["cnn", "cnn-odd", "bnmlp", "resnet", "affine-bn-relu-pool"])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
-from tests.helpers import assert_bitwise
+from tests.helpers import assert_bitwise, assert_close
 
 # (shape, pool): odd H/W with pooling, N=1, C=1, 1x1 without pool, 3-D without pool
 CASES = [
@@ -34,18 +34,6 @@ CASES = [
     ((2, 3, 5, 5), 0),
 ]
 MOMENTUM, EPS = 0.1, 1e-5
-
-
-def assert_close(actual, expected, what, rtol=1e-5):
-    """|a - e| <= rtol * max|e| (the scale of the whole tensor), reporting the worst."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = max(float(e.abs().max()), 1e-30) if e.numel() else 1.0
-    err = (a - e).abs()
-    if e.numel() and float(err.max()) > rtol * scale:
-        i = int(err.reshape(-1).argmax())
-        raise AssertionError(f"{what}: worst at flat index {i}: {a.reshape(-1)[i].item()!r} "
-                             f"vs {e.reshape(-1)[i].item()!r} (max |expected| {scale:.3g})")
 
 
 def _make(shape, affine, dtype=torch.float32, seed=0):

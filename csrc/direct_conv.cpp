@@ -1,0 +1,426 @@
+// Direct grouped 2-D convolution (stride 1, dilation 1, zero padding <= kernel - 1) on CPU,
+// forward and backward. See scaleinv_kernels/ops/direct_conv.py for the contract.
+//
+// Why it exists: the first convolution of an ensemble of M CNNs is a grouped convolution
+// with groups = M and one (grey) or three (RGB) input channels per group. oneDNN's grouped
+// kernels are slow there (measured, 4 members x 1 -> 16 channels, 28x28, batch 64, fwd +
+// weight grad: 15.9 ms grouped, 7.5 ms as a loop of per-member convolutions plus the
+// stacking copy). With so few input channels the convolution does ~9 FLOP per output
+// element and is bound by writing the output (forward) and reading grad_out (backward).
+//
+// Algorithm ("flat rows"): each input plane is copied once into a zero-padded buffer
+// [Hp, Wp] (+ KW elements of tail). Output row oh, column ow, computed at the padded width
+// Wp, is then  sum_{ci,ki,kj} w[ci,ki,kj] * xp[(oh + ki) * Wp + ow + kj],  so a whole
+// output plane is Ci*KH*KW axpys over ONE contiguous range of Ho*Wp elements (long,
+// vectorisable loops instead of 28-wide rows); the Wp - Wo junk columns per row (7 % at
+// 28x28 with padding 1) are dropped when the plane is written out. The weight gradient is
+// the same geometry read the other way: dw[ci,ki,kj] = sum_j gyp[j] * xp[j + ki*Wp + kj],
+// with grad_out copied into a row-padded buffer whose junk columns are zero. The input
+// gradient is the forward kernel run on grad_out with the flipped, transposed weights
+// (a "full" convolution with padding KH - 1 - ph).
+//
+// Determinism: every output element and every weight-gradient entry is summed by one
+// thread in a fixed order; weight gradients accumulate the per-plane fp32 (or fp64) dot
+// products in fp64.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/flip.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+namespace scaleinv {
+namespace {
+
+#define DC_INLINE inline __attribute__((always_inline))
+
+struct ConvGeo {
+  int64_t N, G, Ci, Co;  // batch, groups, input/output channels per group
+  int64_t H, W, KH, KW, ph, pw;
+  int64_t Ho, Wo, Hp, Wp;
+  int64_t flat;  // Ho * Wp: one output plane computed at the padded width
+  int64_t plen;  // Hp * Wp + KW: one padded input plane (the tail is read by the last taps)
+};
+
+template <typename T>
+DC_INLINE void pad_plane(const T* __restrict__ src, T* __restrict__ dst, const ConvGeo& g) {
+  std::fill(dst, dst + g.plen, T(0));
+  for (int64_t h = 0; h < g.H; ++h)
+    std::copy(src + h * g.W, src + (h + 1) * g.W, dst + (h + g.ph) * g.Wp + g.pw);
+}
+
+template <typename T>
+struct FwdArgs {
+  const T* x;     // [N, G*Ci, H, W]
+  const T* w;     // [G*Co, Ci, KH, KW]
+  const T* bias;  // [G*Co] or nullptr
+  T* y;           // [N, G*Co, Ho, Wo]
+  ConvGeo g;
+};
+
+// Lanes of one register block: 64 bytes (one AVX-512 register, two AVX2 ones).
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+// Output channels computed together, so that each loaded input vector feeds CB of them.
+constexpr int64_t kCoBlock = 4;
+
+// Stores the first `len` lanes (written as a masked loop, which the vectoriser turns into
+// a masked store, not a memcpy call per row).
+template <typename T>
+DC_INLINE void store_lanes(const T* __restrict__ v, T* __restrict__ dst, int64_t len) {
+  constexpr int64_t L = kLanes<T>;
+#pragma omp simd
+  for (int64_t j = 0; j < L; ++j)
+    if (j < len) dst[j] = v[j];
+}
+
+// Output channels oc .. oc + CB - 1 of one (n, g): for each output row and each block of
+// kLanes columns, all Ci*KH*KW taps accumulate in registers (acc[CB][kLanes]); a block may
+// read past the row's Wo valid columns into the padded buffer (those lanes are junk and
+// are not stored; the buffer has a kLanes tail for the last row).
+template <typename T, int64_t CB>
+DC_INLINE void conv_rows(const T* __restrict__ xp, const T* __restrict__ wk,
+                         const int64_t* __restrict__ off, int64_t ntaps, const T* b0,
+                         T* __restrict__ out, const ConvGeo& g) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t plane = g.Ho * g.Wo;
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t ow = 0; ow < g.Wo; ow += L) {
+      T acc[CB][L];
+      for (int64_t c = 0; c < CB; ++c)
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) acc[c][j] = b0[c];
+      const T* base = xp + oh * g.Wp + ow;
+      for (int64_t t = 0; t < ntaps; ++t) {
+        const T* __restrict__ src = base + off[t];
+        for (int64_t c = 0; c < CB; ++c) {
+          const T wv = wk[c * ntaps + t];
+#pragma omp simd
+          for (int64_t j = 0; j < L; ++j) acc[c][j] += wv * src[j];
+        }
+      }
+      const int64_t len = std::min(L, g.Wo - ow);
+      for (int64_t c = 0; c < CB; ++c) store_lanes(acc[c], out + c * plane + oh * g.Wo + ow, len);
+    }
+  }
+}
+
+// tap t = (ci, ki, kj) reads the padded buffer at offset off[t] from the output position
+template <typename T>
+DC_INLINE std::vector<int64_t> tap_offsets(const ConvGeo& g) {
+  std::vector<int64_t> off(g.Ci * g.KH * g.KW);
+  for (int64_t ci = 0; ci < g.Ci; ++ci)
+    for (int64_t ki = 0; ki < g.KH; ++ki)
+      for (int64_t kj = 0; kj < g.KW; ++kj)
+        off[(ci * g.KH + ki) * g.KW + kj] = ci * g.plen + ki * g.Wp + kj;
+  return off;
+}
+
+// Output planes of (n, g) items [lo, hi).
+template <typename T>
+DC_INLINE void forward_items(const FwdArgs<T>& a, int64_t lo, int64_t hi) {
+  const ConvGeo& g = a.g;
+  const int64_t ntaps = g.Ci * g.KH * g.KW;
+  // the Ci padded planes back to back, plus a block's tail
+  std::vector<T> xp(g.Ci * g.plen + kLanes<T>, T(0));
+  const std::vector<int64_t> off = tap_offsets<T>(g);
+  for (int64_t item = lo; item < hi; ++item) {
+    const int64_t n = item / g.G, grp = item % g.G;
+    for (int64_t ci = 0; ci < g.Ci; ++ci)
+      pad_plane(a.x + ((n * g.G + grp) * g.Ci + ci) * g.H * g.W, xp.data() + ci * g.plen, g);
+    for (int64_t co = 0; co < g.Co;) {
+      const int64_t cb = std::min(kCoBlock, g.Co - co);
+      const int64_t oc = grp * g.Co + co;
+      T b0[kCoBlock];
+      for (int64_t c = 0; c < cb; ++c) b0[c] = a.bias ? a.bias[oc + c] : T(0);
+      const T* wk = a.w + oc * ntaps;
+      T* out = a.y + (n * g.G * g.Co + oc) * g.Ho * g.Wo;
+      if (cb == kCoBlock) {
+        conv_rows<T, kCoBlock>(xp.data(), wk, off.data(), ntaps, b0, out, g);
+      } else {
+        for (int64_t c = 0; c < cb; ++c)
+          conv_rows<T, 1>(xp.data(), wk + c * ntaps, off.data(), ntaps, b0 + c,
+                          out + c * g.Ho * g.Wo, g);
+      }
+      co += cb;
+    }
+  }
+}
+
+template <typename T>
+struct WgradArgs {
+  const T* gy;  // [N, G*Co, Ho, Wo]
+  const T* xp;  // [N, G*Ci, plen] padded input planes, plus a kLanes tail
+  T* dw;        // [G*Co, Ci, KH, KW]
+  ConvGeo g;
+};
+
+// Weight-gradient rows (grp, co) for items [lo, hi): one thread owns each row and sums
+// over n in order. Per sample, acc[t][lane] collects grad_out * shifted x over the plane
+// in T (the junk lanes past Wo load grad_out as 0), then adds its lane sums into fp64.
+template <typename T>
+DC_INLINE void wgrad_items(const WgradArgs<T>& a, int64_t lo, int64_t hi) {
+  constexpr int64_t L = kLanes<T>;
+  const ConvGeo& g = a.g;
+  const int64_t ntaps = g.Ci * g.KH * g.KW;
+  const std::vector<int64_t> off = tap_offsets<T>(g);
+  std::vector<T> accv(ntaps * L);
+  std::vector<double> sums(ntaps);
+  for (int64_t item = lo; item < hi; ++item) {
+    const int64_t grp = item / g.Co;  // item == grp * Co + co == output channel
+    std::fill(sums.begin(), sums.end(), 0.0);
+    for (int64_t n = 0; n < g.N; ++n) {
+      const T* __restrict__ gy = a.gy + (n * g.G * g.Co + item) * g.Ho * g.Wo;
+      const T* xpn = a.xp + (n * g.G + grp) * g.Ci * g.plen;
+      T* __restrict__ acc = accv.data();
+      std::fill(acc, acc + ntaps * L, T(0));
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        for (int64_t ow = 0; ow < g.Wo; ow += L) {
+          const int64_t len = std::min(L, g.Wo - ow);
+          T gv[L];
+#pragma omp simd
+          for (int64_t j = 0; j < L; ++j) gv[j] = j < len ? gy[oh * g.Wo + ow + j] : T(0);
+          const T* base = xpn + oh * g.Wp + ow;
+          for (int64_t t = 0; t < ntaps; ++t) {
+            const T* __restrict__ src = base + off[t];
+            T* __restrict__ at = acc + t * L;
+#pragma omp simd
+            for (int64_t j = 0; j < L; ++j) at[j] += gv[j] * src[j];
+          }
+        }
+      }
+      for (int64_t t = 0; t < ntaps; ++t) {
+        T s = 0;
+        for (int64_t j = 0; j < L; ++j) s += acc[t * L + j];
+        sums[t] += static_cast<double>(s);
+      }
+    }
+    T* out = a.dw + item * ntaps;
+    for (int64_t t = 0; t < ntaps; ++t) out[t] = static_cast<T>(sums[t]);
+  }
+}
+
+template <typename T>
+struct PadArgs {
+  const T* x;
+  T* xp;
+  ConvGeo g;
+};
+
+template <typename T>
+DC_INLINE void pad_items(const PadArgs<T>& a, int64_t lo, int64_t hi) {
+  for (int64_t p = lo; p < hi; ++p) pad_plane(a.x + p * a.g.H * a.g.W, a.xp + p * a.g.plen, a.g);
+}
+
+// ---- instruction-set builds (as in norm_act.cpp: one per ATen CPU capability) -----------
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DC_HAVE_X86_CLONES 1
+#define DC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define DC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define DC_AVX512
+#define DC_AVX2
+#endif
+
+#define DC_CLONES(NAME, ARGS, BODY)                                                   \
+  template <typename T>                                                                  \
+  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }     \
+  template <typename T>                                                                  \
+  DC_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); } \
+  template <typename T>                                                                  \
+  DC_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }
+
+DC_CLONES(fwd, FwdArgs, forward_items)
+DC_CLONES(wgrad, WgradArgs, wgrad_items)
+DC_CLONES(pad, PadArgs, pad_items)
+
+template <typename A>
+using RangeFn = void (*)(const A&, int64_t, int64_t);
+
+template <typename A>
+RangeFn<A> pick(RangeFn<A> dflt, RangeFn<A> avx2, RangeFn<A> avx512) {
+#ifdef DC_HAVE_X86_CLONES
+  static const int level = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? 2 : cap == "AVX2" ? 1 : 0;
+  }();
+  return level == 2 ? avx512 : level == 1 ? avx2 : dflt;
+#else
+  (void)avx2;
+  (void)avx512;
+  return dflt;
+#endif
+}
+
+// Enough work per task that scheduling does not dominate.
+int64_t grain(int64_t per_item, int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(items, (1 << 15) / std::max<int64_t>(1, per_item)));
+}
+
+// ---- validation ------------------------------------------------------------------
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+ConvGeo check(const char* op, const at::Tensor& x, const at::Tensor& w,
+              const std::optional<at::Tensor>& bias, int64_t groups, at::IntArrayRef padding) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op, "weight must have x's dtype ",
+                   x.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK_VALUE(x.layout() == at::kStrided && x.device().is_cpu() &&
+                        w.layout() == at::kStrided && w.device().is_cpu(),
+                    op, "x and weight must be dense CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() == 4, op, "x must be [N, C, H, W], got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(w.dim() == 4, op, "weight must be [C_out, C_in/groups, KH, KW], got shape ",
+                    shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(groups >= 1, op, "groups must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(padding.size() == 2, op, "padding must have 2 entries, got ",
+                    padding.size());
+  ConvGeo g;
+  g.N = x.size(0);
+  g.G = groups;
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Ci = w.size(1);
+  g.KH = w.size(2);
+  g.KW = w.size(3);
+  g.ph = padding[0];
+  g.pw = padding[1];
+  TORCH_CHECK_VALUE(g.Ci >= 1 && g.KH >= 1 && g.KW >= 1, op,
+                    "weight must have nonzero C_in/groups and kernel size, got ",
+                    shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(x.size(1) == groups * g.Ci, op, "x has ", x.size(1),
+                    " channels, but weight ", shape_str(w.sizes()), " with groups=", groups,
+                    " expects ", groups * g.Ci);
+  TORCH_CHECK_VALUE(w.size(0) % groups == 0, op, "weight's C_out ", w.size(0),
+                    " is not divisible by groups=", groups);
+  g.Co = w.size(0) / groups;
+  TORCH_CHECK_VALUE(g.ph >= 0 && g.pw >= 0 && g.ph < g.KH && g.pw < g.KW, op,
+                    "padding must be in [0, kernel_size - 1] per dimension, got ",
+                    shape_str(padding), " with kernel ", g.KH, "x", g.KW);
+  g.Hp = g.H + 2 * g.ph;
+  g.Wp = g.W + 2 * g.pw;
+  g.Ho = g.Hp - g.KH + 1;
+  g.Wo = g.Wp - g.KW + 1;
+  TORCH_CHECK_VALUE(g.Ho >= 1 && g.Wo >= 1, op, "the padded input ", g.Hp, "x", g.Wp,
+                    " is smaller than the kernel ", g.KH, "x", g.KW);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), op,
+                      "bias must have shape [C_out] = [", w.size(0), "], got ",
+                      shape_str(bias->sizes()));
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, "bias must have x's dtype");
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->layout() == at::kStrided, op,
+                      "bias must be a dense CPU tensor");
+  }
+  g.flat = g.Ho * g.Wp;
+  g.plen = g.Hp * g.Wp + g.KW;
+  return g;
+}
+
+at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& w,
+                        const std::optional<at::Tensor>& bias, const ConvGeo& g) {
+  at::Tensor y = at::empty({g.N, g.G * g.Co, g.Ho, g.Wo}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const std::optional<at::Tensor> bc =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::direct_conv2d", [&] {
+    FwdArgs<scalar_t> a{xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
+                        bc.has_value() ? bc->const_data_ptr<scalar_t>() : nullptr,
+                        y.data_ptr<scalar_t>(), g};
+    auto fn = pick<FwdArgs<scalar_t>>(&fwd_default<scalar_t>, &fwd_avx2<scalar_t>,
+                                      &fwd_avx512<scalar_t>);
+    const int64_t items = g.N * g.G;
+    at::parallel_for(0, items, grain(g.Co * g.flat * g.Ci * g.KH * g.KW, items),
+                     [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+  });
+  return y;
+}
+
+// ---- ops -------------------------------------------------------------------------
+
+at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, int64_t groups,
+                             at::IntArrayRef padding) {
+  const ConvGeo g = check("scaleinv::direct_conv2d: ", x, weight, bias, groups, padding);
+  return forward_impl(x, weight, bias, g);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+direct_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& weight, int64_t groups, at::IntArrayRef padding,
+                           std::array<bool, 3> output_mask) {
+  const char* op = "scaleinv::direct_conv2d_backward: ";
+  const ConvGeo g = check(op, x, weight, std::nullopt, groups, padding);
+  const std::vector<int64_t> yshape{g.N, g.G * g.Co, g.Ho, g.Wo};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(yshape), op,
+                    "grad_out must have the output's shape ", shape_str(yshape), ", got ",
+                    shape_str(grad_out.sizes()));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op,
+                   "grad_out must have x's dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device().is_cpu() && grad_out.layout() == at::kStrided, op,
+                    "grad_out must be a dense CPU tensor");
+  const at::Tensor gy = grad_out.contiguous();
+  std::optional<at::Tensor> gx, gw, gb;
+  if (output_mask[0]) {
+    // full convolution of grad_out with w[g*Co + co, ci, ki, kj] seen as
+    // wt[g*Ci + ci, co, KH-1-ki, KW-1-kj], padding K-1-p: the input's geometry again.
+    const at::Tensor wt = at::flip(
+        weight.reshape({g.G, g.Co, g.Ci, g.KH, g.KW}).transpose(1, 2).reshape(
+            {g.G * g.Ci, g.Co, g.KH, g.KW}),
+        {2, 3});
+    const std::vector<int64_t> pad_t{g.KH - 1 - g.ph, g.KW - 1 - g.pw};
+    const ConvGeo gt = check(op, gy, wt, std::nullopt, groups, pad_t);
+    gx = forward_impl(gy, wt, std::nullopt, gt);
+  }
+  if (output_mask[1]) {
+    gw = at::empty(weight.sizes(), weight.options());
+    if (g.N == 0) {
+      gw->zero_();
+    } else {
+      const at::Tensor xc = x.contiguous();
+      // padded planes back to back, plus a register block's tail read by the last taps
+      at::Tensor xp = at::zeros({g.N * g.G * g.Ci * g.plen + 64}, x.options());
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::direct_conv2d_backward", [&] {
+        PadArgs<scalar_t> pa{xc.const_data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), g};
+        auto pad_fn = pick<PadArgs<scalar_t>>(&pad_default<scalar_t>, &pad_avx2<scalar_t>,
+                                              &pad_avx512<scalar_t>);
+        const int64_t planes = g.N * g.G * g.Ci;
+        at::parallel_for(0, planes, grain(g.plen, planes),
+                         [&](int64_t lo, int64_t hi) { pad_fn(pa, lo, hi); });
+        WgradArgs<scalar_t> a{gy.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>(),
+                              gw->data_ptr<scalar_t>(), g};
+        auto fn = pick<WgradArgs<scalar_t>>(&wgrad_default<scalar_t>, &wgrad_avx2<scalar_t>,
+                                            &wgrad_avx512<scalar_t>);
+        const int64_t items = g.G * g.Co;
+        at::parallel_for(0, items, grain(g.N * g.flat * g.Ci * g.KH * g.KW, items),
+                         [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+      });
+    }
+  }
+  if (output_mask[2]) gb = at::sum(gy, {0, 2, 3});
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(scaleinv, CPU, m) {
+  m.impl("direct_conv2d", &direct_conv2d_cpu);
+  m.impl("direct_conv2d_backward", &direct_conv2d_backward_cpu);
+}
+
+}  // namespace scaleinv
