@@ -172,6 +172,32 @@ NA_AVX512_FN void pool_sums_plane_f32(const float* x, const float* go, const flo
   *s2 += _mm512_reduce_add_pd(acc2);
 }
 
+// Backward sums over one plane without pooling (GCC leaves the masked fp64 reduction of
+// the portable loop scalar: 4.7 GB/s on [64, 128, 7, 7]): s1 += g, s2 += g * (x - mean).
+NA_AVX512_FN void plain_sums_plane_f32(const float* x, const float* go, const float* o,
+                                       int64_t HW, float mean, bool relu, double* s1,
+                                       double* s2) {
+  __m512d acc1 = _mm512_setzero_pd(), acc2 = _mm512_setzero_pd();
+  const __m512 vm = _mm512_set1_ps(mean);
+  for (int64_t i = 0; i < HW; i += 16) {
+    const int64_t rem = std::min<int64_t>(16, HW - i);
+    const __mmask16 m = static_cast<__mmask16>(rem == 16 ? 0xFFFFu : (1u << rem) - 1u);
+    __m512 g = _mm512_maskz_loadu_ps(m, go + i);
+    if (relu) {
+      const __m512 ov = _mm512_maskz_loadu_ps(m, o + i);
+      g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ov, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+    }
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm);  // g = 0 off the mask
+    const __m512d glo = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
+    const __m512d ghi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1));
+    acc1 = _mm512_add_pd(acc1, _mm512_add_pd(glo, ghi));
+    acc2 = _mm512_fmadd_pd(glo, _mm512_cvtps_pd(_mm512_castps512_ps256(d)), acc2);
+    acc2 = _mm512_fmadd_pd(ghi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1)), acc2);
+  }
+  *s1 += _mm512_reduce_add_pd(acc1);
+  *s2 += _mm512_reduce_add_pd(acc2);
+}
+
 NA_AVX512_FN static inline __m512 dx_base(__m512 xv, __m512 vk0, __m512 vk2, __m512 vm,
                                           bool training) {
   return training ? _mm512_add_ps(vk0, _mm512_mul_ps(vk2, _mm512_sub_ps(xv, vm)))
@@ -434,6 +460,11 @@ NA_INLINE void plane_sums(const BwdArgs<T>& a, int64_t plane, double* out) {
         pool_sums_plane_f32(x, a.gout + plane * g.HWo, a.out + plane * g.HWo,
                             a.ind + plane * g.HWo, g.W, g.Ho, g.Wo, static_cast<float>(mean),
                             g.relu, out, out + 1);
+        return;
+      }
+      if (g.pool == 0 && use_avx512_kernels()) {
+        plain_sums_plane_f32(x, a.gout + plane * g.HW, a.out + plane * g.HW, g.HW,
+                             static_cast<float>(mean), g.relu, out, out + 1);
         return;
       }
     }
