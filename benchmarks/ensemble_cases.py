@@ -51,7 +51,8 @@ def _data(m: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, tor
 def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
                   device: str = "cpu") -> Callable[[], None]:
     """Forward + backward per chunk of ``chunk`` members (as ``EnsembleTrainer`` with
-    ``chunk_size``), then ONE optimizer step over all members."""
+    ``chunk_size``: gradients go straight into the chunk's rows of ``p.grad``), then ONE
+    optimizer step over all members."""
     ens = Ensemble(normalized_cnn, m, init="independent", seed=0,
                    conv_impl=conv_impl).to(device)
     opt = FusedSGDWD(ens.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
@@ -62,7 +63,7 @@ def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
         opt.zero_grad(set_to_none=True)
         for a in range(0, m, chunk):
             b = min(m, a + chunk)
-            out = ens(x[a:b], members=slice(a, b))
+            out = ens(x[a:b], members=slice(a, b), direct_grads=chunk < m)
             loss = F.cross_entropy(out.reshape(-1, 10), y[a:b].reshape(-1), reduction="none")
             loss.view(b - a, BATCH).mean(1).sum().backward()
         opt.step()

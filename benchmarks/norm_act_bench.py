@@ -10,12 +10,16 @@ same run (``sgd_wd_cases.Triad``/``interleaved``, medians of the repeats):
   CPU, Triton on CUDA);
 * ``torch``: ``F.batch_norm`` → ``relu_`` → ``F.max_pool2d`` forward + backward.
 
-Counted minimal traffic per input element E (fp32): forward reads x twice (statistics,
-then normalize) and writes out (E/4 floats) and the index (E/4 bytes): 9.25 B; backward
-reads grad_out, out (E/4 floats each), the index (E/4 bytes) and x, and writes dx:
-10.25 B; 19.5 B per element in all. ``GB/s`` = counted bytes / time, ``×floor`` = time /
-(counted bytes / triad bandwidth); the target is ≤ 1.3. ``fresh outputs`` times only
-allocating and writing the fused step's new tensors (dx, out, index).
+Counted minimal traffic per input element E (fp32), with pooling: forward reads x twice
+(statistics, then normalize) and writes out (E/4 floats) and the index (E/4 bytes):
+9.25 B; backward reads grad_out, out (E/4 floats each), the index (E/4 bytes) and x, and
+writes dx: 10.25 B; 19.5 B per element in all. Without pooling: 12 B forward (x twice,
+out) and 16 B backward (grad_out, out, x, dx), 28 B in all. ``GB/s`` = counted bytes /
+time, ``×floor`` = time / (counted bytes / triad bandwidth); the target is ≤ 1.3. The
+triad runs over arrays of x's size, so that it touches as much memory as the op: DRAM
+for the M=64 cases, the 480 MB last-level cache for the chunk-of-4 cases (the calls the
+ensemble benchmark makes). ``fresh outputs`` times only allocating and writing the fused
+step's new tensors (dx, out, index).
 
 Fresh output tensors cost page faults on CPU (a new 200 MB dx is ~50 000 4-KiB faults);
 this script sets ``THP_MEM_ALLOC_ENABLE=1`` (torch's CPU allocator then asks for
@@ -40,9 +44,14 @@ from scaleinv_kernels._extension import extension_loaded  # noqa: E402
 from scaleinv_kernels.ops.norm_act import bn_act_pool  # noqa: E402
 
 CASES = {
-    "m64c16": ("M=64 members x 16 ch, 28x28", (64, 64 * 16, 28, 28)),
-    "m64c32": ("M=64 members x 32 ch, 14x14", (64, 64 * 32, 14, 14)),
-    "m8c16": ("M=8 members x 16 ch, 28x28", (64, 8 * 16, 28, 28)),
+    "m64c16": ("M=64 members x 16 ch, 28x28", (64, 64 * 16, 28, 28), 2),
+    "m64c32": ("M=64 members x 32 ch, 14x14", (64, 64 * 32, 14, 14), 2),
+    "m8c16": ("M=8 members x 16 ch, 28x28", (64, 8 * 16, 28, 28), 2),
+    # the calls of the ensemble benchmark's chunks of 4 members (EnsembleTrainer
+    # chunk_size=4): the three norm layers of the normalized CNN
+    "m4c16": ("chunk of 4 x 16 ch, 28x28", (64, 4 * 16, 28, 28), 2),
+    "m4c32": ("chunk of 4 x 32 ch, 14x14", (64, 4 * 32, 14, 14), 2),
+    "m4c32np": ("chunk of 4 x 32 ch, 7x7, no pool", (64, 4 * 32, 7, 7), 0),
 }
 BYTES_PER_ELEMENT = 9.25 + 10.25
 MOMENTUM, EPS = 0.1, 1e-5
@@ -51,23 +60,24 @@ MOMENTUM, EPS = 0.1, 1e-5
 class Step:
     """One forward + backward of a variant on fixed x and grad_out."""
 
-    def __init__(self, fused: bool, shape: tuple[int, ...], device: torch.device) -> None:
+    def __init__(self, fused: bool, shape: tuple[int, ...], device: torch.device,
+                 pool: int = 2) -> None:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(shape, generator=gen).to(device).requires_grad_()
         c = shape[1]
         self.rm = torch.zeros(c, device=device)
         self.rv = torch.ones(c, device=device)
-        out_shape = (shape[0], c, shape[2] // 2, shape[3] // 2)
-        self.go = torch.randn(out_shape, generator=gen).to(device)
-        self.fused = fused
+        self.go = torch.randn(out_shape(shape, pool), generator=gen).to(device)
+        self.fused, self.pool = fused, pool
 
     def __call__(self) -> None:
         if self.fused:
             y = bn_act_pool(self.x, None, None, self.rm, self.rv, training=True,
-                            momentum=MOMENTUM, eps=EPS, relu=True, pool=2)
+                            momentum=MOMENTUM, eps=EPS, relu=True, pool=self.pool)
         else:
-            y = F.batch_norm(self.x, self.rm, self.rv, None, None, True, MOMENTUM, EPS)
-            y = F.max_pool2d(torch.relu_(y), 2)
+            y = torch.relu_(F.batch_norm(self.x, self.rm, self.rv, None, None, True,
+                                         MOMENTUM, EPS))
+            y = F.max_pool2d(y, 2) if self.pool else y
         (dx,) = torch.autograd.grad(y, self.x, self.go)
         del dx
 
@@ -76,27 +86,36 @@ class FreshOutputs:
     """Allocates and writes the fused step's fresh outputs (dx, out, index) and nothing
     else: the page-fault/zeroing cost any eager CPU op pays for new tensors."""
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
-        self.shape, self.device = shape, device
-        self.out_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    def __init__(self, shape: tuple[int, ...], device: torch.device, pool: int = 2) -> None:
+        self.shape, self.device, self.pool = shape, device, pool
+        self.out_shape = out_shape(shape, pool)
 
     def __call__(self) -> None:
         torch.empty(self.shape, device=self.device).fill_(0)
         torch.empty(self.out_shape, device=self.device).fill_(0)
-        torch.empty(self.out_shape, device=self.device, dtype=torch.uint8).fill_(0)
+        if self.pool:
+            torch.empty(self.out_shape, device=self.device, dtype=torch.uint8).fill_(0)
 
 
-def check(shape: tuple[int, ...], device: torch.device) -> float:
+def out_shape(shape: tuple[int, ...], pool: int) -> tuple[int, ...]:
+    return (shape[0], shape[1], shape[2] // 2, shape[3] // 2) if pool else tuple(shape)
+
+
+def bytes_per_element(pool: int) -> float:
+    return BYTES_PER_ELEMENT if pool else 12.0 + 16.0
+
+
+def check(shape: tuple[int, ...], device: torch.device, pool: int = 2) -> float:
     """Max |fused − torch| / max |torch| of the input gradient on the case's shape."""
     grads = []
     for fused in (True, False):
-        s = Step(fused, shape, device)
+        s = Step(fused, shape, device, pool)
         if fused:
             y = bn_act_pool(s.x, None, None, s.rm, s.rv, training=True, momentum=MOMENTUM,
-                            eps=EPS)
+                            eps=EPS, pool=pool)
         else:
-            y = F.max_pool2d(F.relu(F.batch_norm(s.x, s.rm, s.rv, None, None, True, MOMENTUM,
-                                                 EPS)), 2)
+            y = F.relu(F.batch_norm(s.x, s.rm, s.rv, None, None, True, MOMENTUM, EPS))
+            y = F.max_pool2d(y, 2) if pool else y
         grads.append(torch.autograd.grad(y, s.x, s.go)[0])
     return float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
 
@@ -116,17 +135,18 @@ def main() -> None:
     print(f"# bn_act_pool benchmark, {datetime.date.today()}, {platform.node()}, "
           f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
-    triad = Triad(256, device)
     rows = []
     for key in args.cases:
-        title, shape = CASES[key]
-        err = check(shape, device)
-        entries = {"fused": Step(True, shape, device), "torch": Step(False, shape, device),
-                   "fresh": FreshOutputs(shape, device), "triad": triad}
+        title, shape, pool = CASES[key]
+        err = check(shape, device, pool)
+        triad = Triad(max(1, round(torch.Size(shape).numel() * 4 / 2**20)), device)
+        entries = {"fused": Step(True, shape, device, pool),
+                   "torch": Step(False, shape, device, pool),
+                   "fresh": FreshOutputs(shape, device, pool), "triad": triad}
         t = interleaved(entries, repeats=args.repeats, min_time=args.min_time, sync=sync)
         triad_gbps = triad.bytes / t["triad"].median / 1e9
         numel = torch.Size(shape).numel()
-        counted = BYTES_PER_ELEMENT * numel
+        counted = bytes_per_element(pool) * numel
         floor = counted / (triad_gbps * 1e9)
         fused, ref = t["fused"].median, t["torch"].median
         rows.append((title, shape, fused, ref, counted / fused / 1e9, triad_gbps,

@@ -113,12 +113,22 @@ class Ensemble(nn.Module):
         return start, stop - start
 
     def forward(self, x: Tensor, members: slice | range | None = None, *,
-                batch_major: bool = False) -> Tensor:
+                batch_major: bool = False, direct_grads: bool = False) -> Tensor:
         """x: [m, B, ...] → [m, B, ...] (m = number of selected members).
 
         ``batch_major=True``: x is ``[B, m, ...]`` instead (e.g. gathered as
         ``X[idx.t()]``), the ensemble's internal order, which saves one copy of the input;
         the output is still ``[m, B, ...]``.
+
+        ``direct_grads=True`` (for a member range, in grad mode): the backward of this
+        call adds the gradients of the selected members straight into the rows
+        ``p.grad[a:b]`` of every trainable parameter (``p.grad`` is created as zeros when
+        None), instead of autograd building a full ``[M, ...]`` gradient per call and
+        adding it to ``p.grad``: O(b − a) instead of O(M) work per call, which matters
+        when M/chunk calls make a step (O(M²) otherwise). The parameters themselves are
+        then not in the autograd graph: use ``loss.backward()``, not
+        ``torch.autograd.grad(loss, params)``, and no hooks registered on the parameters
+        run. :class:`EnsembleTrainer` calls with it when ``chunk_size < M``.
         """
         start, m = self._select(members)
         dim = 1 if batch_major else 0
@@ -130,26 +140,43 @@ class Ensemble(nn.Module):
                 f"got {shape}; for one batch shared by all members call "
                 "ens.forward_shared(x)")
         batch = x.shape[1 - dim]
-        self._set(start, m, batch, shared=False)
+        self._set(start, m, batch, shared=False, direct_grads=direct_grads)
         folded = x.reshape(batch * m, *x.shape[2:]) if batch_major else self._ctx.fold(x)
         out = self.net(folded)
         return self._unfold(out, m, batch)
 
-    def forward_shared(self, x: Tensor, members: slice | range | None = None) -> Tensor:
-        """x: [B, ...], the same batch for every member → [m, B, ...]."""
+    def forward_shared(self, x: Tensor, members: slice | range | None = None, *,
+                       direct_grads: bool = False) -> Tensor:
+        """x: [B, ...], the same batch for every member → [m, B, ...]
+        (``direct_grads`` as in :meth:`forward`)."""
         start, m = self._select(members)
         if not isinstance(x, Tensor) or x.dim() < 1:
             raise ValueError("Ensemble.forward_shared: x must be a tensor [B, ...]")
         batch = x.shape[0]
-        self._set(start, m, batch, shared=True)
+        self._set(start, m, batch, shared=True, direct_grads=direct_grads)
         out = self.net(x)
         if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch and m > 1:
             return out.unsqueeze(0).expand(m, *out.shape)  # no member layer was reached
         return self._unfold(out, m, batch)
 
-    def _set(self, start: int, m: int, batch: int, shared: bool) -> None:
+    def _set(self, start: int, m: int, batch: int, shared: bool,
+             direct_grads: bool = False) -> None:
         c = self._ctx
         c.start, c.m, c.batch, c.shared = start, m, batch, shared
+        c.leaves = None
+        if direct_grads and m < self.n_members and torch.is_grad_enabled():
+            c.leaves = {}
+            for p in self.net.parameters():
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                # a leaf viewing the rows (same storage and version counter as p); its
+                # .grad is the matching rows of p.grad, which AccumulateGrad adds into
+                # in place
+                leaf = p.detach()[start:start + m].requires_grad_()
+                leaf.grad = p.grad[start:start + m]
+                c.leaves[id(p)] = leaf
 
     @staticmethod
     def _unfold(out, m: int, batch: int) -> Tensor:

@@ -55,6 +55,8 @@ class MemberContext:
     m: int = 0  # number of selected members
     batch: int = 0  # B, samples per member
     shared: bool = False  # the network input was one batch [B, ...] for all members
+    # direct_grads calls: id(param) -> this call's leaf for param[sel] (see Ensemble.forward)
+    leaves: dict[int, Tensor] | None = None
 
     @property
     def sel(self) -> slice:
@@ -136,11 +138,16 @@ class MemberLayer(nn.Module):
         object.__setattr__(self, "ctx", ctx)  # shared plain object, not a submodule
 
     def _p(self, t: Tensor | None) -> Tensor | None:
-        """This call's members of a stacked tensor (the whole tensor when all are used)."""
+        """This call's members of a stacked tensor (the whole tensor when all are used;
+        the call's leaf in a ``direct_grads`` call)."""
         if t is None:
             return None
         c = self.ctx
-        return t if c.m == t.shape[0] else t[c.sel]
+        if c.m == t.shape[0]:
+            return t
+        if c.leaves is not None and id(t) in c.leaves:
+            return c.leaves[id(t)]
+        return t[c.sel]
 
 
 # ------------------------------------------------------------------------------------

@@ -134,7 +134,8 @@ class EnsembleTrainer:
                 b = min(m, a + self.chunk_size)
                 # gathered batch-major [bs, mc, ...]: the ensemble's internal order
                 x, y = self.X[idx[a:b].t()], self.Y[idx[a:b]]
-                out = ens(x, members=slice(a, b), batch_major=True)
+                out = ens(x, members=slice(a, b), batch_major=True,
+                          direct_grads=b - a < m)
                 per_sample = self.loss(out.reshape(-1, out.shape[-1]), y.reshape(-1),
                                        reduction="none")
                 member_loss = per_sample.view(b - a, -1).mean(1)

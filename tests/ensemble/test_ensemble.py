@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scaleinv_kernels.ensemble import Ensemble, UnsupportedModuleError
 from scaleinv_kernels.optim import members_of
 from scaleinv_kernels.scale_invariance import normalized_cnn
 from tests.ensemble.nets import BNMLP, SmallResNet
-from tests.helpers import assert_rel
+from tests.helpers import assert_bitwise, assert_rel
 
 RTOL = 1e-5  # fp32, relative to the largest magnitude of the reference tensor
 
@@ -335,3 +336,42 @@ def test_batch_major_input_equals_member_major():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"\[B, 3, \.\.\.\]"):
         ens(x, batch_major=True)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-batches", "shared-batch"])
+def test_direct_grads_equal_autograd_grads(shared):
+    """direct_grads=True writes each chunk's gradient into its rows of p.grad: bitwise the
+    gradients autograd accumulates through the sliced parameters."""
+    ens = Ensemble(normalized_cnn, 6, init="independent", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 1, 12, 12, generator=gen)
+    y = torch.randint(0, 10, (6, 5), generator=gen)
+
+    def grads(direct: bool) -> dict[str, torch.Tensor]:
+        ens.zero_grad(set_to_none=True)
+        for a in range(0, 6, 4):
+            b = min(6, a + 4)
+            out = (ens.forward_shared(x[0], members=slice(a, b), direct_grads=direct)
+                   if shared else ens(x[a:b], members=slice(a, b), direct_grads=direct))
+            yy = y[a:b].reshape(-1)
+            F.cross_entropy(out.reshape(-1, 10), yy, reduction="none").view(
+                b - a, 5).mean(1).sum().backward()
+        return {n: p.grad.clone() for n, p in ens.named_parameters() if p.requires_grad}
+
+    plain, direct = grads(False), grads(True)
+    assert plain.keys() == direct.keys() and len(plain) == 3
+    for name in plain:
+        assert_bitwise(direct[name], plain[name], name)
+    frozen = [p for p in ens.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_direct_grads_only_for_member_ranges_in_grad_mode():
+    ens = Ensemble(normalized_cnn, 3, init="independent", seed=0)
+    x = torch.randn(3, 2, 1, 8, 8)
+    ens(x, direct_grads=True).sum().backward()  # all members: ordinary autograd
+    assert ens._ctx.leaves is None
+    with torch.no_grad():
+        ens(x[:2], members=slice(0, 2), direct_grads=True)
+    assert ens._ctx.leaves is None
+    assert all(p.grad is not None for p in ens.parameters() if p.requires_grad)
