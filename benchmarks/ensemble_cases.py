@@ -30,10 +30,11 @@ BATCH = 64
 HW = 28
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 #: members per forward/backward pass of the chunked variant, chosen by measurement on the
-#: 2-core CPU at M=64: chunks of 1/2/4/8/16/64 members took 967/963/913/996/1194/1434 ms
-#: per step (activations of a few members stay in cache; 64 members stream ~200 MB per
-#: activation through DRAM for every elementwise op).
-CPU_CHUNK = 4
+#: 2-core CPU at M=64 (interleaved, one run, 2026-11-29, with Ensemble's default
+#: retain_cpu_memory): chunks of 4/8/16/32/64 members took 542/473/478/471/483 ms per step.
+#: Before freed memory was retained (glibc page-faulting every big activation in afresh)
+#: chunks of 1/2/4/8/16/64 took 967/963/913/996/1194/1434 ms and 4 was the choice.
+CPU_CHUNK = 8
 VARIANTS = {
     "ensemble": "Ensemble + FusedSGDWD (stats on), all members per pass",
     "ensemble_chunked": f"Ensemble + FusedSGDWD (stats on), {CPU_CHUNK} members per pass",
