@@ -8,6 +8,10 @@ the 16-lane register blocks.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +146,34 @@ def test_opcheck_cpu(case):
     go = torch.randn(F.conv2d(x, w, b, 1, padding, 1, groups).shape)
     torch.library.opcheck(torch.ops.scaleinv.direct_conv2d_backward.default,
                           (go, x, w.detach(), groups, list(padding), [True, True, True]))
+
+
+# Runs in a fresh process, where ATEN_CPU_CAPABILITY picks the kernel build (read once):
+# "default" is the portable build (no FMA), "avx2" the AVX2 one.
+BUILD_SCRIPT = """
+import torch, torch.nn.functional as F
+from scaleinv_kernels.ops.direct_conv import direct_conv2d
+torch.manual_seed(0)
+worst = 0.0
+for n, g, ci, co, h, w, k, p in [(2, 3, 1, 6, 7, 5, 3, 1), (1, 2, 3, 5, 9, 33, 5, 2)]:
+    x = torch.randn(n, g * ci, h, w, requires_grad=True)
+    wt = torch.randn(g * co, ci, k, k, requires_grad=True)
+    y, ref = direct_conv2d(x, wt, None, g, (p, p)), F.conv2d(x, wt, None, 1, p, 1, g)
+    go = torch.randn_like(ref)
+    pairs = [(y, ref)] + list(zip(torch.autograd.grad(y, (x, wt), go),
+                                  torch.autograd.grad(ref, (x, wt), go)))
+    for a, e in pairs:
+        worst = max(worst, float((a - e).abs().max() / e.abs().max()))
+print(torch.backends.cpu.get_cpu_capability(), worst)
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_other_instruction_set_builds_match_conv2d(capability):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    run = subprocess.run([sys.executable, "-c", BUILD_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    used, worst = run.stdout.strip().splitlines()[-1].split()
+    assert used.lower() == capability.lower()
+    assert float(worst) <= 1e-5
