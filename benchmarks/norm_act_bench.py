@@ -21,27 +21,27 @@ for the M=64 cases, the 480 MB last-level cache for the chunk-of-4 cases (the ca
 ensemble benchmark makes). ``fresh outputs`` times only allocating and writing the fused
 step's new tensors (dx, out, index).
 
-Fresh output tensors cost page faults on CPU (a new 200 MB dx is ~50 000 4-KiB faults);
-this script sets ``THP_MEM_ALLOC_ENABLE=1`` (torch's CPU allocator then asks for
-transparent huge pages) unless it is already set; both variants get the same allocator.
+Fresh output tensors cost page faults on CPU (a new 200 MB dx is ~50 000 4-KiB faults).
+Like an :class:`~scaleinv_kernels.ensemble.Ensemble` (``retain_cpu_memory=True``), this
+script first calls :func:`scaleinv_kernels.cpu_memory.retain_freed_memory`, so freed
+blocks are reused instead of faulted in again; ``--no-retain`` leaves glibc's defaults
+(both variants always get the same allocator).
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
+import platform
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything
+import torch
+import torch.nn.functional as F
+from sgd_wd_cases import Triad, interleaved  # (benchmarks/ is on sys.path)
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sgd_wd_cases import Triad, interleaved  # noqa: E402  (benchmarks/ is on sys.path)
-
-from scaleinv_kernels._extension import extension_loaded  # noqa: E402
-from scaleinv_kernels.ops.norm_act import bn_act_pool  # noqa: E402
+from scaleinv_kernels._extension import extension_loaded
+from scaleinv_kernels.cpu_memory import retain_freed_memory
+from scaleinv_kernels.ops.norm_act import bn_act_pool
 
 CASES = {
     "m64c16": ("M=64 members x 16 ch, 28x28", (64, 64 * 16, 28, 28), 2),
@@ -126,7 +126,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repeat")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-retain", action="store_true",
+                    help="keep glibc's malloc thresholds (fresh pages for big blocks)")
     args = ap.parse_args()
+    retained = False if args.no_retain else retain_freed_memory()
     device = torch.device(args.device)
     if device.type == "cpu" and not extension_loaded():
         raise SystemExit("the C++ extension is not built; the fused variant would be the "
@@ -134,6 +137,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"# bn_act_pool benchmark, {datetime.date.today()}, {platform.node()}, "
           f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"freed memory retained: {retained}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     rows = []
     for key in args.cases:
