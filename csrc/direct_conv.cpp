@@ -36,8 +36,14 @@
 #include <cmath>
 #include <optional>
 #include <sstream>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace scaleinv {
 namespace {
@@ -211,6 +217,63 @@ DC_INLINE void wgrad_taps(const T* __restrict__ gy, const T* xpn, const int64_t*
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DC_HAVE_AVX512_KERNELS 1
+#define DC_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+
+// float32 weight gradient of one sample, AVX-512: sums[k] += sum over the plane of
+// grad_out * x shifted by off[k], for NT <= 8 taps. The portable wgrad_taps keeps its
+// accumulators on the stack (GCC does not registerise acc[TB][16]); here they are NT zmm
+// registers, each grad_out vector feeding NT fused multiply-adds (weight gradient of a
+// chunk of 8 members, 1 -> 16 channels, 28x28, batch 64: 3.5 ms portable, 2.0 ms here).
+template <int NT>
+DC_AVX512_FN void wgrad_plane_f32(const float* gy, const float* xpn, const int64_t* off,
+                                  const ConvGeo& g, double* sums) {
+  __m512 acc[NT];
+#pragma GCC unroll 8
+  for (int k = 0; k < NT; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const float* gr = gy + oh * g.Wo;
+    const float* base = xpn + oh * g.Wp;
+    for (int64_t ow = 0; ow < g.Wo; ow += 16) {
+      const int64_t rem = std::min<int64_t>(16, g.Wo - ow);
+      const __mmask16 m = static_cast<__mmask16>(rem == 16 ? 0xFFFFu : (1u << rem) - 1u);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, gr + ow);  // 0 past Wo
+#pragma GCC unroll 8
+      for (int k = 0; k < NT; ++k)
+        acc[k] = _mm512_fmadd_ps(gv, _mm512_loadu_ps(base + ow + off[k]), acc[k]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < NT; ++k) sums[k] += static_cast<double>(_mm512_reduce_add_ps(acc[k]));
+}
+
+DC_AVX512_FN void wgrad_plane_f32_taps(const float* gy, const float* xpn, const int64_t* off,
+                                       int64_t ntaps, const ConvGeo& g, double* sums) {
+  for (int64_t t = 0; t < ntaps; t += 8) {
+    switch (std::min<int64_t>(8, ntaps - t)) {
+      case 8: wgrad_plane_f32<8>(gy, xpn, off + t, g, sums + t); break;
+      case 7: wgrad_plane_f32<7>(gy, xpn, off + t, g, sums + t); break;
+      case 6: wgrad_plane_f32<6>(gy, xpn, off + t, g, sums + t); break;
+      case 5: wgrad_plane_f32<5>(gy, xpn, off + t, g, sums + t); break;
+      case 4: wgrad_plane_f32<4>(gy, xpn, off + t, g, sums + t); break;
+      case 3: wgrad_plane_f32<3>(gy, xpn, off + t, g, sums + t); break;
+      case 2: wgrad_plane_f32<2>(gy, xpn, off + t, g, sums + t); break;
+      default: wgrad_plane_f32<1>(gy, xpn, off + t, g, sums + t); break;
+    }
+  }
+}
+#endif
+
+// ATen's CPU capability, once: 0 default, 1 AVX2, 2 AVX-512.
+int isa_level() {
+  static const int level = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? 2 : cap == "AVX2" ? 1 : 0;
+  }();
+  return level;
+}
+
 // Weight-gradient rows for items [lo, hi): item i covers output channels
 // [i*kWgradCo, (i+1)*kWgradCo) of one group (so per sample its grad_out planes are one
 // contiguous run the prefetchers follow; one channel at a time read 3 KB runs 400 KB
@@ -235,6 +298,14 @@ DC_INLINE void wgrad_items(const WgradArgs<T>& a, int64_t lo, int64_t hi) {
       for (int64_t c = 0; c < nco; ++c) {
         const T* gy = a.gy + (n * g.G * g.Co + grp * g.Co + co0 + c) * g.Ho * g.Wo;
         double* sc = sums.data() + c * ntaps;
+#ifdef DC_HAVE_AVX512_KERNELS
+        if constexpr (std::is_same_v<T, float>) {
+          if (isa_level() == 2) {
+            wgrad_plane_f32_taps(gy, xpn, off.data(), ntaps, g, sc);
+            continue;
+          }
+        }
+#endif
         int64_t t = 0;
         for (; t + kTapBlock <= ntaps; t += kTapBlock)
           wgrad_taps<T, FMA, kTapBlock>(gy, xpn, off.data() + t, g, sc + t);
@@ -294,10 +365,7 @@ using RangeFn = void (*)(const A&, int64_t, int64_t);
 template <typename A>
 RangeFn<A> pick(RangeFn<A> dflt, RangeFn<A> avx2, RangeFn<A> avx512) {
 #ifdef DC_HAVE_X86_CLONES
-  static const int level = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? 2 : cap == "AVX2" ? 1 : 0;
-  }();
+  const int level = isa_level();
   return level == 2 ? avx512 : level == 1 ? avx2 : dflt;
 #else
   (void)avx2;
