@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from scaleinv_kernels._extension import extension_loaded
 from scaleinv_kernels.ops.direct_conv import SUPPORTED_DTYPES as DIRECT_DTYPES
 from scaleinv_kernels.ops.direct_conv import direct_conv2d
-from scaleinv_kernels.ops.norm_act import bn_act_pool
+from scaleinv_kernels.ops.norm_act import SUPPORTED_DTYPES as FUSED_NORM_DTYPES
+from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
 from scaleinv_kernels.optim.members import mark_members
 
 CONV_IMPLS = ("auto", "grouped", "loop", "direct")
@@ -346,11 +347,13 @@ class MemberBatchNorm(MemberLayer):
             nbt = self._p(self.num_batches_tracked)
             nbt.add_(1)
         if self.fused_relu:
-            y = bn_act_pool(xc, w, b, None if rm is None else rm.view(-1),
-                            None if rv is None else rv.view(-1),
-                            training=training,
-                            momentum=self.momentum if update else 0.0, eps=self.eps,
-                            relu=True, pool=self.fused_pool)
+            # the fused kernels cover float32/float64; other dtypes (bf16, fp16) run the
+            # same layer as torch's BN -> ReLU -> max-pool (the op's reference)
+            fn = bn_act_pool if xc.dtype in FUSED_NORM_DTYPES else bn_act_pool_reference
+            y = fn(xc, w, b, None if rm is None else rm.view(-1),
+                   None if rv is None else rv.view(-1), training=training,
+                   momentum=self.momentum if update else 0.0, eps=self.eps, relu=True,
+                   pool=self.fused_pool)
             return _refold(y, c.batch * m, self.num_features, *y.shape[2:])
         if update and self.momentum is None:
             y = F.batch_norm(xc, None, None, w, b, True, 0.0, self.eps)

@@ -375,3 +375,21 @@ def test_direct_grads_only_for_member_ranges_in_grad_mode():
         ens(x[:2], members=slice(0, 2), direct_grads=True)
     assert ens._ctx.leaves is None
     assert all(p.grad is not None for p in ens.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_ensemble_runs_fusable_layers_unfused(dtype):
+    """bn_act_pool covers float32/float64: in bf16/fp16 the fused layers run torch's
+    BN → ReLU → max-pool, so fuse=True and fuse=False give the same bits."""
+    outs, grads = [], []
+    for fuse in (True, False):
+        ens = Ensemble(normalized_cnn, 2, init="independent", seed=0, fuse=fuse).to(dtype)
+        x = torch.randn(2, 3, 1, 12, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
+        out = ens(x)
+        out.float().square().sum().backward()
+        outs.append(out)
+        grads.append([p.grad for p in ens.parameters() if p.requires_grad])
+    assert outs[0].dtype == dtype
+    assert_bitwise(outs[0], outs[1], "output")
+    for a, b in zip(*grads):
+        assert_bitwise(a, b, "grad")
