@@ -203,6 +203,32 @@ def check_norm_act(device: str, shape: tuple[int, ...] = (8, 6, 7, 5), seed: int
     return diff
 
 
+def check_direct_conv(device: str, seed: int = 0) -> dict:
+    """``direct_conv2d`` (on CUDA: its registered reference kernel) against ``F.conv2d`` on
+    ``device``, 3 members x 1 -> 4 channels, 3x3, padding 1: max relative differences of the
+    output and the three gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    from scaleinv_kernels.ops.direct_conv import direct_conv2d
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(5, 3, 9, 7, generator=g).to(device)
+    w0 = torch.randn(12, 1, 3, 3, generator=g).to(device)
+    b0 = torch.randn(12, generator=g).to(device)
+    gy = torch.randn(5, 12, 9, 7, generator=g).to(device)
+    results = {}
+    for name, fn in (("direct", direct_conv2d),
+                     ("conv2d", lambda x, w, b, groups, padding: F.conv2d(
+                         x, w, b, 1, padding, 1, groups))):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        out = fn(x, w, b, 3, (1, 1))
+        out.backward(gy)
+        results[name] = dict(out=out, dx=x.grad, dw=w.grad, db=b.grad)
+    return {k: float((results["direct"][k] - ref).detach().abs().max())
+            / (float(ref.detach().abs().max()) or 1.0) for k, ref in results["conv2d"].items()}
+
+
 def cuda_median_ms(step, steps: int) -> float:
     """Median ms of ``step()`` over ``steps`` calls timed with CUDA events, after one
     warm-up call."""
@@ -326,13 +352,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      budget spent: {key} skipped", flush=True)
             break
         out["cases"].append(bench_case(key, args.rounds, deadline))
-    print("[4/4] fused bn_act_pool vs reference on CUDA; ensemble step, "
+    print("[4/4] fused bn_act_pool and direct_conv2d vs references on CUDA; ensemble step, "
           f"M={args.members}", flush=True)
     try:
         out["norm_act"] = {"max_rel_diff": check_norm_act("cuda"), "ms": time_norm_act()}
     except Exception as err:  # report and go on
         out["norm_act"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     print(f"      {out['norm_act']}", flush=True)
+    try:
+        out["direct_conv"] = {"max_rel_diff": check_direct_conv("cuda")}
+    except Exception as err:  # report and go on
+        out["direct_conv"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    print(f"      direct_conv2d: {out['direct_conv']}", flush=True)
     out["ensemble"] = bench_ensemble(args.members, deadline + 40.0)
     out["seconds"] = time.monotonic() - start
     if args.json is not None:
@@ -357,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, msg in case["errors"].items():
             print(f"error: {case['case']} / {k}: {msg}")
     print(f"bn_act_pool [64, 1024, 28, 28] fwd+bwd: {out['norm_act']}")
+    print(f"direct_conv2d vs F.conv2d: {out['direct_conv']}")
     print(format_ensemble(out["ensemble"], args.members))
     # rc 5: pytest collected no test (no CUDA tests yet), not a failure of this suite
     failed = (tests["rc"] not in (0, None, 5) or tests["summary"].startswith("timed out")

@@ -138,3 +138,11 @@ def test_gpu_suite_norm_act_check_runs_on_cpu() -> None:
     diff = suite.check_norm_act("cpu")
     assert set(diff) == {"out", "dx", "dw", "db", "rm", "rv"}
     assert all(d <= 1e-5 for d in diff.values()), diff
+
+
+def test_gpu_suite_direct_conv_check_runs_on_cpu() -> None:
+    """The GPU suite's direct_conv2d comparison, run on the C++ kernel: tiny differences."""
+    suite = _bench_module("gpu_suite")
+    diff = suite.check_direct_conv("cpu")
+    assert set(diff) == {"out", "dx", "dw", "db"}
+    assert all(d <= 1e-5 for d in diff.values()), diff
