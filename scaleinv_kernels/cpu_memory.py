@@ -21,7 +21,7 @@ steps; with aligned allocations of varying placement the heap can hold a few fre
 more than the live peak before it settles (measured: 16 rounds of allocating and freeing
 a 48 MiB tensor settle after ~8 rounds, ~340 MB above the baseline; the M=64 ensemble
 step above kept its 0.48 GB over 16 steps). :class:`~scaleinv_kernels.ensemble.Ensemble`
-calls it when built (``retain_cpu_memory=True``, the default).
+calls it at its first call on CPU tensors (``retain_cpu_memory=True``, the default).
 """
 
 from __future__ import annotations

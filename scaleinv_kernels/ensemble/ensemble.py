@@ -45,11 +45,12 @@ class Ensemble(nn.Module):
         fuse: run BatchNorm2d → ReLU (→ MaxPool2d(2)) sequences inside ``nn.Sequential``
             containers as the fused op ``scaleinv::bn_act_pool`` (C++ on CPU, Triton on
             CUDA); the ReLU/pool entries of ``ens.net`` then show as ``nn.Identity``.
-        retain_cpu_memory: call :func:`scaleinv_kernels.cpu_memory.retain_freed_memory`
-            (glibc keeps freed CPU memory for reuse, process-wide): an ensemble's
-            activations are big enough that glibc otherwise maps and page-faults them in
-            afresh at nearly every allocation (measured: 0.58–0.64 s → 0.53–0.54 s per
-            step of 64 CNNs in chunks of 4). False leaves malloc alone.
+        retain_cpu_memory: at the first call on a CPU tensor, call
+            :func:`scaleinv_kernels.cpu_memory.retain_freed_memory` (glibc keeps freed CPU
+            memory for reuse, process-wide): an ensemble's activations are big enough that
+            glibc otherwise maps and page-faults them in afresh at nearly every allocation
+            (measured: 0.58–0.64 s → 0.53–0.54 s per step of 64 CNNs in chunks of 4). An
+            ensemble that only runs on CUDA never calls it; False leaves malloc alone.
 
     Parameters and buffers have shape ``[M, *shape]`` and live in :attr:`net` under the
     original names (``ens.net.state_dict()`` has the original keys); parameters frozen in
@@ -88,13 +89,12 @@ class Ensemble(nn.Module):
                              f"{member_offset!r}")
         if init not in INITS:
             raise ValueError(f"Ensemble: init must be one of {INITS}, got {init!r}")
-        if retain_cpu_memory:
-            retain_freed_memory()
         members = _build_members(model_or_factory, n_members, init, seed, member_offset)
         template = members[0]
         if check_forward:
             check_forward_fn(template)
         self.n_members = n_members
+        self.retain_cpu_memory = bool(retain_cpu_memory)
         self.init = init
         self.member_offset = member_offset
         self._ctx = MemberContext(n_members)
@@ -149,7 +149,7 @@ class Ensemble(nn.Module):
                 f"got {shape}; for one batch shared by all members call "
                 "ens.forward_shared(x)")
         batch = x.shape[1 - dim]
-        self._set(start, m, batch, shared=False, direct_grads=direct_grads)
+        self._set(x, start, m, batch, shared=False, direct_grads=direct_grads)
         folded = x.reshape(batch * m, *x.shape[2:]) if batch_major else self._ctx.fold(x)
         out = self.net(folded)
         return self._unfold(out, m, batch)
@@ -162,14 +162,16 @@ class Ensemble(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1:
             raise ValueError("Ensemble.forward_shared: x must be a tensor [B, ...]")
         batch = x.shape[0]
-        self._set(start, m, batch, shared=True, direct_grads=direct_grads)
+        self._set(x, start, m, batch, shared=True, direct_grads=direct_grads)
         out = self.net(x)
         if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch and m > 1:
             return out.unsqueeze(0).expand(m, *out.shape)  # no member layer was reached
         return self._unfold(out, m, batch)
 
-    def _set(self, start: int, m: int, batch: int, shared: bool,
+    def _set(self, x: Tensor, start: int, m: int, batch: int, shared: bool,
              direct_grads: bool = False) -> None:
+        if self.retain_cpu_memory and x.device.type == "cpu":
+            retain_freed_memory()  # cached: one mallopt per process
         c = self._ctx
         c.start, c.m, c.batch, c.shared = start, m, batch, shared
         c.leaves = None

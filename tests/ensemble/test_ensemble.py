@@ -393,3 +393,16 @@ def test_half_precision_ensemble_runs_fusable_layers_unfused(dtype):
     assert_bitwise(outs[0], outs[1], "output")
     for a, b in zip(*grads):
         assert_bitwise(a, b, "grad")
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_retain_cpu_memory_applies_at_the_first_cpu_call(monkeypatch, retain):
+    from scaleinv_kernels.ensemble import ensemble as ensemble_module
+
+    calls = []
+    monkeypatch.setattr(ensemble_module, "retain_freed_memory", lambda: calls.append(1))
+    ens = Ensemble(normalized_cnn, 2, init="independent", seed=0, retain_cpu_memory=retain)
+    assert calls == []  # building changes nothing
+    ens(torch.randn(2, 3, 1, 8, 8))
+    ens.forward_shared(torch.randn(3, 1, 8, 8))
+    assert len(calls) == (2 if retain else 0)
