@@ -146,3 +146,13 @@ def test_gpu_suite_direct_conv_check_runs_on_cpu() -> None:
     diff = suite.check_direct_conv("cpu")
     assert set(diff) == {"out", "dx", "dw", "db"}
     assert all(d <= 1e-5 for d in diff.values()), diff
+
+
+def test_ensemble_cases_every_variant_steps_and_matches_the_loop() -> None:
+    """Every variant of the ensemble benchmark runs a training step (M=2, one of them in
+    chunks of 1 with direct_grads), and one ensemble step equals the eager loop's."""
+    ens_cases = _bench_module("ensemble_cases")
+    for build in ens_cases.BUILDERS.values():
+        build(2)()  # builds and steps without error
+    ens_cases.ensemble_step(2, chunk=1)()
+    assert ens_cases.check_same_update(2) <= 1e-5
