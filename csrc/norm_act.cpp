@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
+#include <type_traits>
 #include <optional>
 #include <sstream>
 #include <tuple>
@@ -263,6 +264,19 @@ NA_AVX512_FN void pool_dx_plane_f32(const float* x, float* dx, const float* go, 
 }
 #endif
 
+#ifdef NA_HAVE_AVX512_KERNELS
+// dst[0..n) = src[0..n) with non-temporal stores for the whole 64-byte lines of dst
+// (plain stores for a partial first and last line, which neighbouring runs share).
+NA_AVX512_FN void stream_copy_f32(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+NA_AVX512_FN void store_fence() { _mm_sfence(); }
+#endif
+
 bool use_avx512_kernels();
 
 // ---- forward ---------------------------------------------------------------------
@@ -442,6 +456,8 @@ struct BwdArgs {
   Geo g;
   double* part;  // [K, C, 2] per-chunk sum(g), sum(g * (x - mean))
   int64_t per;   // planes per chunk
+  bool stream = false;     // dx via a staging run and non-temporal stores (see below)
+  int64_t dx_plane0 = 0;   // plane p's dx is at dx + (p - dx_plane0) * HW
 };
 
 // sum(g) and sum(g * xhat) of channel c, g = grad_out routed to the argmax (masked by
@@ -507,7 +523,7 @@ NA_INLINE void plane_dx(const BwdArgs<T>& a, int64_t n, int64_t c, T scale, T k0
   const Geo& g = a.g;
   const int64_t plane = n * g.C + c;
   const T* __restrict__ x = a.x + plane * g.HW;
-  T* __restrict__ dx = a.dx + plane * g.HW;
+  T* __restrict__ dx = a.dx + (plane - a.dx_plane0) * g.HW;
   const T mean = a.mean[c];
 #ifdef NA_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
@@ -578,8 +594,34 @@ NA_INLINE void backward_groups(const BwdArgs<T>& a, int64_t g0, int64_t g1) {
         for (int64_t c = c0; c < c1; ++c) plane_sums(a, n * g.C + c, a.sums + 2 * c);
       for (int64_t c = c0; c < c1; ++c) a.sums[2 * c + 1] *= static_cast<double>(a.invstd[c]);
     }
-    for (int64_t n = 0; n < g.N; ++n) dx_planes(a, n * g.C + c0, n * g.C + c1);
+#ifdef NA_HAVE_AVX512_KERNELS
+    constexpr bool kCanStream = std::is_same_v<T, float>;
+#else
+    constexpr bool kCanStream = false;
+#endif
+    if (!(kCanStream && a.stream)) {
+      for (int64_t n = 0; n < g.N; ++n) dx_planes(a, n * g.C + c0, n * g.C + c1);
+      continue;
+    }
+#ifdef NA_HAVE_AVX512_KERNELS
+    if constexpr (kCanStream) {
+      // dx larger than the caches (a.stream): each run of the group's planes is built in
+      // an L1-resident staging buffer and streamed out, so the store does not first read
+      // every dx line from memory (write-allocate: 4 more bytes per element).
+      std::vector<float> stage((c1 - c0) * g.HW);
+      BwdArgs<T> s = a;
+      s.dx = stage.data();
+      for (int64_t n = 0; n < g.N; ++n) {
+        s.dx_plane0 = n * g.C + c0;
+        dx_planes(s, n * g.C + c0, n * g.C + c1);
+        stream_copy_f32(a.dx + (n * g.C + c0) * g.HW, stage.data(), (c1 - c0) * g.HW);
+      }
+    }
+#endif
   }
+#ifdef NA_HAVE_AVX512_KERNELS
+  if (a.stream) store_fence();  // order the streamed lines before the task ends
+#endif
 }
 
 // ---- instruction-set builds ------------------------------------------------------
@@ -619,6 +661,18 @@ int isa_level() {  // 0 default, 1 AVX2, 2 AVX-512
 
 // The intrinsics kernels run where ATen runs its AVX-512 kernels (SCALEINV_NO_AVX512=1
 // forces the portable loops, e.g. to test them).
+// dx of at least this many bytes is written with non-temporal stores (pooled float32
+// backward on AVX-512): such a dx does not stay in cache for its consumer anyway. 64 MiB
+// by default; SCALEINV_STREAM_MIN_BYTES overrides it (read once; the tests force both
+// paths with it).
+int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("SCALEINV_STREAM_MIN_BYTES");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(64) << 20;
+  }();
+  return bytes;
+}
+
 bool use_avx512_kernels() {
   static const bool on = isa_level() == 2 && std::getenv("SCALEINV_NO_AVX512") == nullptr;
   return on;
@@ -848,6 +902,8 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                           nullptr,
                           0};
       a.per = channels_per_group(g, sizeof(scalar_t));
+      a.stream = std::is_same_v<scalar_t, float> && g.pool == 2 && use_avx512_kernels() &&
+                 dx.nbytes() >= stream_min_bytes();
       const int64_t groups = (g.C + a.per - 1) / a.per;
       auto fn = pick<BwdArgs<scalar_t>>(&bwd_groups_default<scalar_t>,
                                         &bwd_groups_avx2<scalar_t>, &bwd_groups_avx512<scalar_t>);

@@ -224,7 +224,7 @@ PORTABLE_SCRIPT = r"""
 import torch
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
 worst = 0.0
-for shape in ((4, 3, 7, 5), (2, 2, 6, 36), (3, 2, 4, 3)):
+for shape in ((4, 3, 7, 5), (2, 2, 6, 36), (3, 2, 4, 3), (3, 40, 14, 13)):
     for training in (True, False):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
         w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
@@ -240,10 +240,14 @@ print(worst)
 """
 
 
-def test_portable_loops_match_reference():
-    """SCALEINV_NO_AVX512=1 (read once per process) runs the plain C++ loops that machines
-    without AVX-512 use instead of the intrinsics kernels."""
-    env = {**os.environ, "SCALEINV_NO_AVX512": "1"}
+@pytest.mark.parametrize("setting", ["SCALEINV_NO_AVX512=1", "SCALEINV_STREAM_MIN_BYTES=0"])
+def test_other_kernel_paths_match_reference(setting):
+    """Read once per process, so each runs in a fresh one. SCALEINV_NO_AVX512=1: the plain
+    C++ loops that machines without AVX-512 use instead of the intrinsics kernels.
+    SCALEINV_STREAM_MIN_BYTES=0: every pooled float32 backward writes dx through the
+    staging buffer and non-temporal stores (by default only a dx of >= 64 MiB)."""
+    key, value = setting.split("=")
+    env = {**os.environ, key: value}
     run = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
