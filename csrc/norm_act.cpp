@@ -81,14 +81,70 @@ NA_AVX512_FN static inline __m512i odd_cols() {
   return _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+// Row pairs for narrow planes (Wo <= 8, e.g. 14x14 -> 7x7): one 16-lane step covers the
+// windows of TWO output rows, lanes 0..Wo-1 for row oh and 8..8+Wo-1 for row oh+1 (one row
+// at a time would use 7 of 16 lanes). permutex2var(a, even_cols, b) is [even columns of
+// a | even columns of b], so pairing input rows (2oh, 2oh+2) and (2oh+1, 2oh+3) gives the
+// four window corners of both output rows; compress/expand move the 2*Wo values of two
+// consecutive output rows between memory and those lanes.
+struct PairMasks {
+  __mmask16 in;    // the 2*Wo columns of an input row
+  __mmask16 win;   // window lanes: 0..Wo-1 and 8..8+Wo-1
+  __mmask16 flat;  // 2*Wo consecutive values (two output rows in memory)
+};
+
+NA_AVX512_FN static inline PairMasks pair_masks(int64_t Wo) {  // Wo in 1..8
+  const unsigned row = (1u << Wo) - 1u;
+  PairMasks m;
+  m.in = static_cast<__mmask16>((1u << (2 * Wo)) - 1u);
+  m.win = static_cast<__mmask16>(row | (row << 8));
+  m.flat = m.in;
+  return m;
+}
+
+// v: the four window corners x; y = relu?(x * a + b); returns the max of y (torch's rule:
+// the first max in row-major order, a NaN replaces the running max) and its index 0..3.
+NA_AVX512_FN static inline __m512 window_max_f32(__m512* v, __m512 va, __m512 vb, __m512 z,
+                                                 bool relu, __m512i* idx) {
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm512_add_ps(_mm512_mul_ps(v[j], va), vb);
+    if (relu) v[j] = _mm512_mask_mov_ps(v[j], _mm512_cmp_ps_mask(v[j], z, _CMP_LT_OQ), z);
+  }
+  __m512 best = v[0];
+  *idx = _mm512_setzero_si512();
+  for (int j = 1; j < 4; ++j) {
+    const __mmask16 up = _mm512_cmp_ps_mask(v[j], best, _CMP_GT_OQ) |
+                         _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
+    best = _mm512_mask_mov_ps(best, up, v[j]);
+    *idx = _mm512_mask_mov_epi32(*idx, up, _mm512_set1_epi32(j));
+  }
+  return best;
+}
+
 // Forward: one plane, y = relu?(x * alpha + beta), 2x2 max with torch's rule, index.
 NA_AVX512_FN void pool_plane_f32(const float* x, float* out, uint8_t* ind, int64_t W,
                                  int64_t Ho, int64_t Wo, float alpha, float beta, bool relu) {
   const __m512i ev = even_cols(), od = odd_cols();
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta), z = _mm512_setzero_ps();
-  const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2),
-                three = _mm512_set1_epi32(3);
-  for (int64_t oh = 0; oh < Ho; ++oh) {
+  int64_t oh = 0;
+  if (Wo <= 8) {
+    const PairMasks pm = pair_masks(Wo);
+    for (; oh + 2 <= Ho; oh += 2) {
+      const float* r0 = x + 2 * oh * W;
+      const __m512 a0 = _mm512_maskz_loadu_ps(pm.in, r0);
+      const __m512 a1 = _mm512_maskz_loadu_ps(pm.in, r0 + W);
+      const __m512 a2 = _mm512_maskz_loadu_ps(pm.in, r0 + 2 * W);
+      const __m512 a3 = _mm512_maskz_loadu_ps(pm.in, r0 + 3 * W);
+      __m512 v[4] = {_mm512_permutex2var_ps(a0, ev, a2), _mm512_permutex2var_ps(a0, od, a2),
+                     _mm512_permutex2var_ps(a1, ev, a3), _mm512_permutex2var_ps(a1, od, a3)};
+      __m512i idx;
+      const __m512 best = window_max_f32(v, va, vb, z, relu, &idx);
+      _mm512_mask_compressstoreu_ps(out + oh * Wo, pm.win, best);
+      _mm512_mask_cvtepi32_storeu_epi8(ind + oh * Wo, pm.flat,
+                                       _mm512_maskz_compress_epi32(pm.win, idx));
+    }
+  }
+  for (; oh < Ho; ++oh) {
     const float* r0 = x + 2 * oh * W;
     const float* r1 = r0 + W;
     for (int64_t ow = 0; ow < Wo; ow += 16) {
@@ -99,19 +155,8 @@ NA_AVX512_FN void pool_plane_f32(const float* x, float* out, uint8_t* ind, int64
       const __m512 b1 = _mm512_maskz_loadu_ps(m.b, r1 + 2 * ow + 16);
       __m512 v[4] = {_mm512_permutex2var_ps(a0, ev, b0), _mm512_permutex2var_ps(a0, od, b0),
                      _mm512_permutex2var_ps(a1, ev, b1), _mm512_permutex2var_ps(a1, od, b1)};
-      for (auto& t : v) {
-        t = _mm512_add_ps(_mm512_mul_ps(t, va), vb);
-        if (relu) t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(t, z, _CMP_LT_OQ), z);
-      }
-      __m512 best = v[0];
-      __m512i idx = _mm512_setzero_si512();
-      const __m512i ids[4] = {idx, one, two, three};
-      for (int j = 1; j < 4; ++j) {
-        const __mmask16 up = _mm512_cmp_ps_mask(v[j], best, _CMP_GT_OQ) |
-                             _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
-        best = _mm512_mask_mov_ps(best, up, v[j]);
-        idx = _mm512_mask_mov_epi32(idx, up, ids[j]);
-      }
+      __m512i idx;
+      const __m512 best = window_max_f32(v, va, vb, z, relu, &idx);
       _mm512_mask_storeu_ps(out + oh * Wo + ow, m.out, best);
       _mm512_mask_cvtepi32_storeu_epi8(ind + oh * Wo + ow, m.out, idx);
     }
@@ -146,27 +191,72 @@ NA_AVX512_FN static inline void routed(const float* r0, const float* r1, const f
   }
 }
 
+// routed() for the row pair (oh, oh+1) of a narrow plane (see PairMasks): go, o and k
+// point at output row oh (2*Wo consecutive values), r0 at input row 2*oh; lanes off the
+// windows get g = 0.
+NA_AVX512_FN static inline void routed_pair(const float* r0, int64_t W, const float* go,
+                                            const float* o, const uint8_t* k,
+                                            const PairMasks& pm, bool relu, __m512* g,
+                                            __m512* xs, __m512i* kk) {
+  *g = _mm512_maskz_expandloadu_ps(pm.win, go);
+  if (relu) {
+    const __m512 ov = _mm512_maskz_expandloadu_ps(pm.win, o);
+    *g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ov, _mm512_setzero_ps(), _CMP_GT_OQ), *g);
+  }
+  *kk = _mm512_maskz_expand_epi32(pm.win,
+                                  _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(pm.flat, k)));
+  if (xs) {
+    const __m512i ev = even_cols(), od = odd_cols();
+    const __m512 a0 = _mm512_maskz_loadu_ps(pm.in, r0);
+    const __m512 a1 = _mm512_maskz_loadu_ps(pm.in, r0 + W);
+    const __m512 a2 = _mm512_maskz_loadu_ps(pm.in, r0 + 2 * W);
+    const __m512 a3 = _mm512_maskz_loadu_ps(pm.in, r0 + 3 * W);
+    __m512 x = _mm512_permutex2var_ps(a0, ev, a2);
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(1)),
+                           _mm512_permutex2var_ps(a0, od, a2));
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(2)),
+                           _mm512_permutex2var_ps(a1, ev, a3));
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(3)),
+                           _mm512_permutex2var_ps(a1, od, a3));
+    *xs = x;
+  }
+}
+
+// acc1 += g, acc2 += g * d, in fp64 (two 8-lane halves).
+NA_AVX512_FN static inline void accumulate_sums(__m512 g, __m512 d, __m512d* acc1,
+                                                __m512d* acc2) {
+  const __m512d glo = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
+  const __m512d ghi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1));
+  *acc1 = _mm512_add_pd(*acc1, _mm512_add_pd(glo, ghi));
+  *acc2 = _mm512_fmadd_pd(glo, _mm512_cvtps_pd(_mm512_castps512_ps256(d)), *acc2);
+  *acc2 = _mm512_fmadd_pd(ghi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1)), *acc2);
+}
+
 // Backward sums over one plane's windows: s1 += g, s2 += g * (x_argmax - mean), fp64.
 NA_AVX512_FN void pool_sums_plane_f32(const float* x, const float* go, const float* o,
                                       const uint8_t* k, int64_t W, int64_t Ho, int64_t Wo,
                                       float mean, bool relu, double* s1, double* s2) {
   __m512d acc1 = _mm512_setzero_pd(), acc2 = _mm512_setzero_pd();
   const __m512 vm = _mm512_set1_ps(mean);
-  for (int64_t oh = 0; oh < Ho; ++oh) {
+  int64_t oh = 0;
+  if (Wo <= 8) {
+    const PairMasks pm = pair_masks(Wo);
+    for (; oh + 2 <= Ho; oh += 2) {
+      __m512 g, xs;
+      __m512i kk;
+      routed_pair(x + 2 * oh * W, W, go + oh * Wo, o + oh * Wo, k + oh * Wo, pm, relu, &g, &xs,
+                  &kk);
+      accumulate_sums(g, _mm512_sub_ps(xs, vm), &acc1, &acc2);
+    }
+  }
+  for (; oh < Ho; ++oh) {
     const float* r0 = x + 2 * oh * W;
     for (int64_t ow = 0; ow < Wo; ow += 16) {
       const WinMasks m = win_masks(std::min<int64_t>(16, Wo - ow));
       __m512 g, xs;
       __m512i kk;
       routed(r0, r0 + W, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g, &xs, &kk);
-      const __m512 d = _mm512_sub_ps(xs, vm);
-      const __m512d glo = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
-      const __m512d ghi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1));
-      const __m512d dlo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
-      const __m512d dhi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
-      acc1 = _mm512_add_pd(acc1, _mm512_add_pd(glo, ghi));
-      acc2 = _mm512_fmadd_pd(glo, dlo, acc2);
-      acc2 = _mm512_fmadd_pd(ghi, dhi, acc2);
+      accumulate_sums(g, _mm512_sub_ps(xs, vm), &acc1, &acc2);
     }
   }
   *s1 += _mm512_reduce_add_pd(acc1);
@@ -217,7 +307,34 @@ NA_AVX512_FN void pool_dx_plane_f32(const float* x, float* dx, const float* go, 
   const __m512 vs = _mm512_set1_ps(scale), vk0 = _mm512_set1_ps(k0), vk2 = _mm512_set1_ps(k2),
                vm = _mm512_set1_ps(mean);
   auto base1 = [&](float xv) { return training ? k0 + k2 * (xv - mean) : 0.0f; };
-  for (int64_t oh = 0; oh < Ho; ++oh) {
+  int64_t oh = 0;
+  if (Wo <= 8) {  // row pairs: lanes 0..7 hold output row oh, 8..15 row oh+1
+    const PairMasks pm = pair_masks(Wo);
+    for (; oh + 2 <= Ho; oh += 2) {
+      __m512 g;
+      __m512i kk;
+      routed_pair(nullptr, W, go + oh * Wo, o + oh * Wo, k + oh * Wo, pm, relu, &g, nullptr,
+                  &kk);
+      g = _mm512_mul_ps(g, vs);
+      const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(0)), g);
+      const __m512 o0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(1)), g);
+      const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(2)), g);
+      const __m512 o1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(3)), g);
+      // input rows 2oh .. 2oh+3: tops of row oh's windows, bottoms, then row oh+1's
+      const __m512 add[4] = {_mm512_permutex2var_ps(e0, lo, o0), _mm512_permutex2var_ps(e1, lo, o1),
+                             _mm512_permutex2var_ps(e0, hi, o0), _mm512_permutex2var_ps(e1, hi, o1)};
+      for (int r = 0; r < 4; ++r) {
+        const float* xr = x + (2 * oh + r) * W;
+        float* dr = dx + (2 * oh + r) * W;
+        _mm512_mask_storeu_ps(
+            dr, pm.in,
+            _mm512_add_ps(dx_base(_mm512_maskz_loadu_ps(pm.in, xr), vk0, vk2, vm, training),
+                          add[r]));
+        if (W % 2) dr[W - 1] = base1(xr[W - 1]);  // dropped last column: no window
+      }
+    }
+  }
+  for (; oh < Ho; ++oh) {
     const float* r0 = x + 2 * oh * W;
     const float* r1 = r0 + W;
     float* d0 = dx + 2 * oh * W;
