@@ -37,6 +37,13 @@ Contract (same for every backend)::
   where ``output_mask[1]``/``[2]``, else None), computed from grad_out, index and x at
   the argmax without materialising g. ``grad_x`` is always computed.
 
+Not covered, by decision: GroupNorm. Its statistics reduce over (C/G, H, W) of one sample,
+the kernel's work layout reduces over (N, H, W) of one channel (groups of channels, each
+read as N strided runs); a GroupNorm mode would be a second kernel, not a mode of this one.
+An ensemble's GroupNorm runs torch's group norm on the folded batch (per-sample statistics
+are already per member). Other dtypes than float32/float64 are refused here; the ensemble
+runs torch's unfused layers for them.
+
 Autograd is registered on ``bn_act_pool`` (``save_mean``, ``save_invstd`` and ``index``
 are not differentiable). Backends: C++ (``csrc/norm_act.cpp``) on CPU, Triton (below) on
 CUDA. :func:`bn_act_pool_reference` is the same layer in plain torch
