@@ -39,11 +39,12 @@ def _faults(mode: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_freed_memory_is_reused_without_page_faults():
-    pages = 48 * 2**20 // 4096  # one allocation's 4-KiB pages
     default, retained = _faults("default"), _faults("retain")
     assert retained["ok"] is True
-    assert default["faults"] >= 3 * pages  # a fresh mapping every time
-    assert retained["faults"] < pages // 2  # freed blocks reused
+    # glibc's default: a fresh mapping every round, faulted in page by page (12 288 faults
+    # per round with 4 KiB pages, 24 with transparent huge pages always on)
+    assert default["faults"] >= 4 * 20
+    assert retained["faults"] * 4 <= default["faults"]  # freed blocks reused
 
 
 def test_bad_thresholds_raise():
