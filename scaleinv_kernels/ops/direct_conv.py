@@ -152,11 +152,16 @@ def _log_once(message: str) -> None:
 
 
 def direct_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, groups: int = 1,
-                  padding: tuple[int, int] | list[int] = (0, 0)) -> Tensor:
+                  padding: int | tuple[int, int] | list[int] = (0, 0)) -> Tensor:
     """``F.conv2d(x, weight, bias, 1, padding, 1, groups)`` computed directly (see the
-    module docstring for the contract); differentiable in x, weight and bias. Runs the
-    reference (logged once) when the compiled extension is missing."""
-    padding = [int(p) for p in padding]
+    module docstring for the contract; an int ``padding`` pads both dimensions);
+    differentiable in x, weight and bias. Runs the reference (logged once) when the
+    compiled extension is missing."""
+    if isinstance(padding, bool) or not isinstance(padding, (int, tuple, list)):
+        raise TypeError(f"direct_conv2d: padding must be an int or 2 ints, got {padding!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"direct_conv2d: groups must be an int, got {groups!r}")
+    padding = [padding, padding] if isinstance(padding, int) else [int(p) for p in padding]
     validate(x, weight, bias, groups, padding)
     if not extension_loaded():
         _log_once("compiled extension not loaded; direct_conv2d runs F.conv2d")

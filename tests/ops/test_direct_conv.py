@@ -111,6 +111,16 @@ def test_deterministic():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_int_padding_pads_both_dimensions_and_bad_types_raise():
+    x, w, _, groups, _ = _make(CASES[0], torch.float32, False)
+    assert_close(direct_conv2d(x, w, None, groups, 1), F.conv2d(x, w, None, 1, 1, 1, groups),
+                 "int padding")
+    with pytest.raises(TypeError, match="padding"):
+        direct_conv2d(x, w, None, groups, "same")
+    with pytest.raises(TypeError, match="groups"):
+        direct_conv2d(x, w, None, 3.0, 1)
+
+
 def test_reference_is_conv2d():
     x, w, b, groups, padding = _make(CASES[0], torch.float32, True)
     assert torch.equal(direct_conv2d_reference(x, w, b, groups, padding),
