@@ -44,11 +44,11 @@ An ensemble's GroupNorm runs torch's group norm on the folded batch (per-sample 
 are already per member). Other dtypes than float32/float64 are refused here; the ensemble
 runs torch's unfused layers for them.
 
-Autograd is registered on ``bn_act_pool`` (``save_mean``, ``save_invstd`` and ``index``
-are not differentiable). Backends: C++ (``csrc/norm_act.cpp``) on CPU, Triton (below) on
-CUDA. :func:`bn_act_pool_reference` is the same layer in plain torch
-(``F.batch_norm`` → ``relu`` → ``F.max_pool2d``) and :func:`bn_act_pool` the layer the
-ensemble calls (it also updates the running statistics).
+Autograd is registered on ``bn_act_pool`` in C++ (``csrc/norm_act_autograd.cpp``, every
+device; ``save_mean``, ``save_invstd`` and ``index`` are not differentiable). Backends:
+C++ (``csrc/norm_act.cpp``) on CPU, Triton (below) on CUDA. :func:`bn_act_pool_reference`
+is the same layer in plain torch (``F.batch_norm`` → ``relu`` → ``F.max_pool2d``) and
+:func:`bn_act_pool` the layer the ensemble calls (it also updates the running statistics).
 """
 
 from __future__ import annotations
@@ -578,30 +578,10 @@ def _fake_backward(grad_out, x, weight, save_mean, save_invstd, out, index, trai
             x.new_empty(c) if output_mask[2] else None)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, mean, invstd, eps, relu, pool = inputs
-    out, save_mean, save_invstd, index = output
-    ctx.save_for_backward(x, weight, save_mean, save_invstd, out, index)
-    ctx.training = mean is None
-    ctx.relu, ctx.pool = bool(relu), int(pool)
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.mark_non_differentiable(save_mean, save_invstd, index)
-
-
-def _backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_index):
-    x, weight, save_mean, save_invstd, out, index = ctx.saved_tensors
-    mask = [True, ctx.has_weight and ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    gx, gw, gb = torch.ops.scaleinv.bn_act_pool_backward(
-        grad_out.contiguous(), x, weight, save_mean, save_invstd, out, index, ctx.training,
-        ctx.relu, ctx.pool, mask)
-    return gx, gw, gb, None, None, None, None, None
-
-
 def _register() -> None:
     torch.library.register_fake(OP)(_fake_forward)
     torch.library.register_fake(OP + "_backward")(_fake_backward)
-    torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+    # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device
     if triton_available():
         torch.library.register_kernel(OP, "cuda")(bn_act_pool_triton)
         torch.library.register_kernel(OP + "_backward", "cuda")(bn_act_pool_backward_triton)
