@@ -23,6 +23,7 @@
 // thread in a fixed order; weight gradients accumulate the per-plane fp32 (or fp64) dot
 // products in fp64.
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -30,9 +31,11 @@
 #include <ATen/ops/flip.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 #include <sstream>
@@ -528,11 +531,66 @@ direct_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   return {gx, gw, gb};
 }
 
+// ---- autograd (every device: the CUDA kernels are the reference, from Python) ------
+
+using DcFwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            int64_t, at::IntArrayRef);
+using DcBwdSig =
+    std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef,
+        std::array<bool, 3>);
+
+class DirectConvFunction : public torch::autograd::Function<DirectConvFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t groups, at::IntArrayRef padding) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("scaleinv::direct_conv2d", "")
+                               .typed<DcFwdSig>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y = op.call(x, weight, bias, groups, padding);
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("scaleinv::direct_conv2d_backward", "")
+                               .typed<DcBwdSig>();
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                     at::Tensor()};
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   ctx->saved_data["has_bias"].toBool() &&
+                                       ctx->needs_input_grad(2)};
+    auto [gx, gw, gb] = op.call(grads[0], saved[0], saved[1],
+                                ctx->saved_data["groups"].toInt(), padding, mask);
+    return {gx.value_or(at::Tensor()), gw.value_or(at::Tensor()), gb.value_or(at::Tensor()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor direct_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, int64_t groups,
+                                  at::IntArrayRef padding) {
+  return DirectConvFunction::apply(x, weight, bias, groups, padding);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(scaleinv, CPU, m) {
   m.impl("direct_conv2d", &direct_conv2d_cpu);
   m.impl("direct_conv2d_backward", &direct_conv2d_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(scaleinv, Autograd, m) {
+  m.impl("direct_conv2d", &direct_conv2d_autograd);
 }
 
 }  // namespace scaleinv

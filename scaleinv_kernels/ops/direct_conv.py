@@ -31,6 +31,8 @@ sum the per-sample dot products in float64; each value is summed by one thread i
 fixed order (deterministic). Results match ``F.conv2d`` to rounding (the tests bound the
 difference at 1e-5 of the largest entry in float32).
 
+Autograd is registered in C++ (``csrc/direct_conv.cpp``) for every device.
+
 CUDA: no Triton kernel, by decision. cuDNN's grouped convolution has no such weak spot
 (the ensemble uses it on CUDA), so the op's CUDA implementation is the reference
 (``F.conv2d``), registered so that the op works on any device.
@@ -118,26 +120,10 @@ def _cuda_backward(grad_out, x, weight, groups, padding, output_mask):
     return gx, gw, gb
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, padding = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.groups, ctx.padding = int(groups), list(padding)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    gx, gw, gb = torch.ops.scaleinv.direct_conv2d_backward(
-        grad_out, x, weight, ctx.groups, ctx.padding, mask)
-    return gx, gw, gb, None, None
-
-
 def _register() -> None:
     torch.library.register_fake(OP)(_fake)
     torch.library.register_fake(OP + "_backward")(_fake_backward)
-    torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+    # autograd: in C++ (csrc/direct_conv.cpp), for every device
     torch.library.register_kernel(OP, "cuda")(_cuda)
     torch.library.register_kernel(OP + "_backward", "cuda")(_cuda_backward)
 
