@@ -20,6 +20,8 @@ if os.environ.get("SCALEINV_BUILD_EXT", "1") != "0":
             name="scaleinv_kernels._C",
             sources=sorted(os.path.join("csrc", f) for f in os.listdir("csrc")
                            if f.endswith(".cpp")),
+            depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc")
+                           if f.endswith(".h")),
             extra_compile_args=[
                 "-O3",
                 "-std=c++17",

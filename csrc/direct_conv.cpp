@@ -48,10 +48,12 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
+
 namespace scaleinv {
 namespace {
 
-#define DC_INLINE inline __attribute__((always_inline))
+#define DC_INLINE SCALEINV_INLINE
 
 struct ConvGeo {
   int64_t N, G, Ci, Co;  // batch, groups, input/output channels per group
@@ -82,18 +84,6 @@ template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 // Output channels computed together, so that each loaded input vector feeds CB of them.
 constexpr int64_t kCoBlock = 4;
-
-// a * b + c: one fused multiply-add in the AVX2/AVX-512 builds (the vectoriser turns
-// std::fma into vfmadd there; the file is compiled with -ffp-contract=off, so nothing is
-// fused implicitly), two roundings in the portable build, which may lack FMA hardware.
-template <bool FMA, typename T>
-DC_INLINE T madd(T a, T b, T c) {
-  if constexpr (FMA) {
-    return std::fma(a, b, c);
-  } else {
-    return a * b + c;
-  }
-}
 
 // Stores the first `len` lanes (written as a masked loop, which the vectoriser turns into
 // a masked store, not a memcpy call per row).
@@ -220,9 +210,9 @@ DC_INLINE void wgrad_taps(const T* __restrict__ gy, const T* xpn, const int64_t*
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef SCALEINV_X86_BUILDS
 #define DC_HAVE_AVX512_KERNELS 1
-#define DC_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define DC_AVX512_FN SCALEINV_TARGET_AVX512
 
 // float32 weight gradient of one sample, AVX-512: sums[k] += sum over the plane of
 // grad_out * x shifted by off[k], for NT <= 8 taps. The portable wgrad_taps keeps its
@@ -267,15 +257,6 @@ DC_AVX512_FN void wgrad_plane_f32_taps(const float* gy, const float* xpn, const 
   }
 }
 #endif
-
-// ATen's CPU capability, once: 0 default, 1 AVX2, 2 AVX-512.
-int isa_level() {
-  static const int level = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? 2 : cap == "AVX2" ? 1 : 0;
-  }();
-  return level;
-}
 
 // Weight-gradient rows for items [lo, hi): item i covers output channels
 // [i*kWgradCo, (i+1)*kWgradCo) of one group (so per sample its grad_out planes are one
@@ -332,17 +313,7 @@ DC_INLINE void pad_items(const PadArgs<T>& a, int64_t lo, int64_t hi) {
   for (int64_t p = lo; p < hi; ++p) pad_plane(a.x + p * a.g.H * a.g.W, a.xp + p * a.g.plen, a.g);
 }
 
-// ---- instruction-set builds (as in norm_act.cpp: one per ATen CPU capability) -----------
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DC_HAVE_X86_CLONES 1
-#define DC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define DC_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define DC_AVX512
-#define DC_AVX2
-#endif
-
+// ---- instruction-set builds (cpu_isa.h: one per ATen CPU capability) ------------------
 // The portable build multiplies and adds separately; the AVX2/AVX-512 ones use FMA.
 #define DC_CLONES(NAME, ARGS, BODY)                                                    \
   template <typename T>                                                                   \
@@ -350,32 +321,17 @@ DC_INLINE void pad_items(const PadArgs<T>& a, int64_t lo, int64_t hi) {
     BODY<T, false>(a, lo, hi);                                                            \
   }                                                                                       \
   template <typename T>                                                                   \
-  DC_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {                    \
+  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {                    \
     BODY<T, true>(a, lo, hi);                                                             \
   }                                                                                       \
   template <typename T>                                                                   \
-  DC_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {                \
+  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {                \
     BODY<T, true>(a, lo, hi);                                                             \
   }
 
 DC_CLONES(fwd, FwdArgs, forward_items)
 DC_CLONES(wgrad, WgradArgs, wgrad_items)
 DC_CLONES(pad, PadArgs, pad_items)
-
-template <typename A>
-using RangeFn = void (*)(const A&, int64_t, int64_t);
-
-template <typename A>
-RangeFn<A> pick(RangeFn<A> dflt, RangeFn<A> avx2, RangeFn<A> avx512) {
-#ifdef DC_HAVE_X86_CLONES
-  const int level = isa_level();
-  return level == 2 ? avx512 : level == 1 ? avx2 : dflt;
-#else
-  (void)avx2;
-  (void)avx512;
-  return dflt;
-#endif
-}
 
 // Enough work per task that scheduling does not dominate.
 int64_t grain(int64_t per_item, int64_t items) {
@@ -457,7 +413,7 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& w,
     FwdArgs<scalar_t> a{xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
                         bc.has_value() ? bc->const_data_ptr<scalar_t>() : nullptr,
                         y.data_ptr<scalar_t>(), g};
-    auto fn = pick<FwdArgs<scalar_t>>(&fwd_default<scalar_t>, &fwd_avx2<scalar_t>,
+    auto fn = pick_build<FwdArgs<scalar_t>>(&fwd_default<scalar_t>, &fwd_avx2<scalar_t>,
                                       &fwd_avx512<scalar_t>);
     const int64_t items = g.N * g.G;
     at::parallel_for(0, items, grain(g.Co * g.flat * g.Ci * g.KH * g.KW, items),
@@ -512,14 +468,14 @@ direct_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       at::Tensor xp = at::zeros({g.N * g.G * g.Ci * g.plen + 64}, x.options());
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::direct_conv2d_backward", [&] {
         PadArgs<scalar_t> pa{xc.const_data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), g};
-        auto pad_fn = pick<PadArgs<scalar_t>>(&pad_default<scalar_t>, &pad_avx2<scalar_t>,
+        auto pad_fn = pick_build<PadArgs<scalar_t>>(&pad_default<scalar_t>, &pad_avx2<scalar_t>,
                                               &pad_avx512<scalar_t>);
         const int64_t planes = g.N * g.G * g.Ci;
         at::parallel_for(0, planes, grain(g.plen, planes),
                          [&](int64_t lo, int64_t hi) { pad_fn(pa, lo, hi); });
         WgradArgs<scalar_t> a{gy.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>(),
                               gw->data_ptr<scalar_t>(), g};
-        auto fn = pick<WgradArgs<scalar_t>>(&wgrad_default<scalar_t>, &wgrad_avx2<scalar_t>,
+        auto fn = pick_build<WgradArgs<scalar_t>>(&wgrad_default<scalar_t>, &wgrad_avx2<scalar_t>,
                                             &wgrad_avx512<scalar_t>);
         const int64_t items = g.G * ((g.Co + kWgradCo - 1) / kWgradCo);
         at::parallel_for(0, items, grain(g.N * g.flat * g.Ci * g.KH * g.KW * kWgradCo, items),

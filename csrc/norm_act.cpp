@@ -39,10 +39,12 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
+
 namespace scaleinv {
 namespace {
 
-#define NA_INLINE inline __attribute__((always_inline))
+#define NA_INLINE SCALEINV_INLINE
 
 // Geometry of one call: x is [N, C, H, W] (H = 1 for 3-D [N, C, L], H = W = 1 for 2-D).
 struct Geo {
@@ -57,9 +59,9 @@ struct Geo {
 // pooled paths are written with intrinsics: 16 windows per step, the two input rows
 // loaded as 2 x 16 floats each and split into even/odd columns with permutes; masked
 // loads/stores cover the tail (Wo is often < 16, e.g. 14 or 7).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef SCALEINV_X86_BUILDS
 #define NA_HAVE_AVX512_KERNELS 1
-#define NA_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define NA_AVX512_FN SCALEINV_TARGET_AVX512
 
 struct WinMasks {
   __mmask16 out, a, b;  // windows; first and second 16 input columns of a row
@@ -745,36 +747,22 @@ NA_INLINE void backward_groups(const BwdArgs<T>& a, int64_t g0, int64_t g1) {
 // Whole functions with a target attribute (the always_inline bodies above are compiled
 // into each); the one matching ATen's CPU capability runs.
 
-#define NA_CLONES(NAME, ARGS, BODY)                                                   \
-  template <typename T>                                                                  \
-  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }     \
-  template <typename T>                                                                  \
-  NA_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); } \
-  template <typename T>                                                                  \
-  NA_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define NA_HAVE_X86_CLONES 1
-#define NA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define NA_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define NA_AVX512
-#define NA_AVX2
-#endif
+#define NA_CLONES(NAME, ARGS, BODY)                                                        \
+  template <typename T>                                                                       \
+  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }          \
+  template <typename T>                                                                       \
+  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {           \
+    BODY(a, lo, hi);                                                                          \
+  }                                                                                           \
+  template <typename T>                                                                       \
+  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {       \
+    BODY(a, lo, hi);                                                                          \
+  }
 
 NA_CLONES(fwd_groups, FwdArgs, forward_groups)
 NA_CLONES(fwd_planes, FwdArgs, forward_planes)
 NA_CLONES(bwd_groups, BwdArgs, backward_groups)
 
-int isa_level() {  // 0 default, 1 AVX2, 2 AVX-512
-  static const int level = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return 2;
-    if (cap == "AVX2") return 1;
-    return 0;
-  }();
-  return level;
-}
 
 // The intrinsics kernels run where ATen runs its AVX-512 kernels (SCALEINV_NO_AVX512=1
 // forces the portable loops, e.g. to test them).
@@ -795,20 +783,6 @@ bool use_avx512_kernels() {
   return on;
 }
 
-template <typename A>
-using RangeFn = void (*)(const A&, int64_t, int64_t);
-
-template <typename A>
-RangeFn<A> pick(RangeFn<A> dflt, RangeFn<A> avx2, RangeFn<A> avx512) {
-#ifdef NA_HAVE_X86_CLONES
-  const int l = isa_level();
-  return l == 2 ? avx512 : l == 1 ? avx2 : dflt;
-#else
-  (void)avx2;
-  (void)avx512;
-  return dflt;
-#endif
-}
 
 // Channels per group: runs of >= 16 KiB per n (hardware prefetchers stream them), a group
 // of <= 1 MiB (it stays in L2 between the two passes), and enough groups for the threads.
@@ -951,12 +925,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
       a.mean_in = a.save_mean;
       a.invstd_in = a.save_invstd;
       const int64_t groups = (g.C + a.per - 1) / a.per;
-      auto fn = pick<FwdArgs<scalar_t>>(&fwd_groups_default<scalar_t>, &fwd_groups_avx2<scalar_t>,
+      auto fn = pick_build<FwdArgs<scalar_t>>(&fwd_groups_default<scalar_t>, &fwd_groups_avx2<scalar_t>,
                                         &fwd_groups_avx512<scalar_t>);
       at::parallel_for(0, groups, grain(a.per * g.N * g.HW, groups),
                        [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
     } else {
-      auto fn = pick<FwdArgs<scalar_t>>(&fwd_planes_default<scalar_t>,
+      auto fn = pick_build<FwdArgs<scalar_t>>(&fwd_planes_default<scalar_t>,
                                         &fwd_planes_avx2<scalar_t>, &fwd_planes_avx512<scalar_t>);
       at::parallel_for(0, planes, grain(g.HW, planes),
                        [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
@@ -1022,7 +996,7 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
       a.stream = std::is_same_v<scalar_t, float> && g.pool == 2 && use_avx512_kernels() &&
                  dx.nbytes() >= stream_min_bytes();
       const int64_t groups = (g.C + a.per - 1) / a.per;
-      auto fn = pick<BwdArgs<scalar_t>>(&bwd_groups_default<scalar_t>,
+      auto fn = pick_build<BwdArgs<scalar_t>>(&bwd_groups_default<scalar_t>,
                                         &bwd_groups_avx2<scalar_t>, &bwd_groups_avx512<scalar_t>);
       at::parallel_for(0, groups, grain(a.per * g.N * g.HW, groups),
                        [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });

@@ -31,11 +31,11 @@
 #include <sstream>
 #include <vector>
 
+#include "cpu_isa.h"
+
 namespace scaleinv {
 namespace {
 
-// always_inline: the loops must be compiled inside the ISA-specific callers below.
-#define SCALEINV_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item
 constexpr int kStatCols = 6;
@@ -49,15 +49,8 @@ struct Hyper {
   bool has_wd, nesterov, maximize;
 };
 
-// a*b + c, fused or not, exactly as ATen's add(c, a, alpha=b) computes it.
-template <bool FUSED, typename M>
-SCALEINV_INLINE M madd(M a, M b, M c) {
-  if constexpr (FUSED) {
-    return std::fma(a, b, c);
-  } else {
-    return a * b + c;
-  }
-}
+// madd<FUSED>(a, b, c) (cpu_isa.h): a*b + c, fused or not, exactly as ATen's
+// add(c, a, alpha=b) computes it.
 
 template <typename M>
 SCALEINV_INLINE M nonfinite(M g) {
@@ -183,40 +176,25 @@ void chunks_default(const Work& w, const Hyper<math_t<T>>& h, double* partial, i
   chunks_body<T, FUSED, MOM, STATS>(w, h, partial, lo, hi);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SCALEINV_HAVE_X86_CLONES 1
+#ifdef SCALEINV_X86_BUILDS
 template <typename T, bool MOM, bool STATS>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void chunks_avx512(
-    const Work& w, const Hyper<math_t<T>>& h, double* partial, int64_t lo, int64_t hi) {
+SCALEINV_TARGET_AVX512 void chunks_avx512(const Work& w, const Hyper<math_t<T>>& h,
+                                          double* partial, int64_t lo, int64_t hi) {
   chunks_body<T, true, MOM, STATS>(w, h, partial, lo, hi);
 }
 template <typename T, bool MOM, bool STATS>
-__attribute__((target("avx2,fma,f16c"))) void chunks_avx2(const Work& w,
-                                                          const Hyper<math_t<T>>& h,
-                                                          double* partial, int64_t lo,
-                                                          int64_t hi) {
+SCALEINV_TARGET_AVX2 void chunks_avx2(const Work& w, const Hyper<math_t<T>>& h,
+                                      double* partial, int64_t lo, int64_t hi) {
   chunks_body<T, true, MOM, STATS>(w, h, partial, lo, hi);
 }
 #endif
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-Isa aten_isa() {
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return Isa::kAvx512;
-    if (cap == "AVX2") return Isa::kAvx2;
-    return Isa::kDefault;
-  }();
-  return isa;
-}
-
 template <typename T, bool MOM, bool STATS>
 void run_isa(const Work& w, const Hyper<math_t<T>>& h, std::vector<double>& partial) {
-#ifdef SCALEINV_HAVE_X86_CLONES
-  ChunkFn<T> fn = aten_isa() == Isa::kAvx512 ? &chunks_avx512<T, MOM, STATS>
-                  : aten_isa() == Isa::kAvx2 ? &chunks_avx2<T, MOM, STATS>
-                                             : &chunks_default<T, false, MOM, STATS>;
+#ifdef SCALEINV_X86_BUILDS
+  ChunkFn<T> fn = isa_level() == 2   ? &chunks_avx512<T, MOM, STATS>
+                  : isa_level() == 1 ? &chunks_avx2<T, MOM, STATS>
+                                     : &chunks_default<T, false, MOM, STATS>;
 #else
   // Outside x86 ATen's vector kernels use fused multiply-add (NEON/SVE fmadd).
   ChunkFn<T> fn = &chunks_default<T, true, MOM, STATS>;
