@@ -49,3 +49,10 @@ def triton_available() -> bool:
         )
         return False
     return True
+
+
+@cache
+def log_once(message: str) -> None:
+    """Log ``message`` as a warning the first time it is given (logger
+    ``scaleinv_kernels``): the ops say so once when they fall back to a reference."""
+    log.warning("scaleinv_kernels: %s", message)

@@ -40,16 +40,11 @@ CUDA: no Triton kernel, by decision. cuDNN's grouped convolution has no such wea
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scaleinv_kernels._extension import extension_loaded
-
-log = logging.getLogger("scaleinv_kernels")
+from scaleinv_kernels._extension import extension_loaded, log_once
 
 OP = "scaleinv::direct_conv2d"
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -132,10 +127,6 @@ if extension_loaded():
     _register()
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    log.warning("scaleinv_kernels: %s", message)
-
 
 def direct_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, groups: int = 1,
                   padding: int | tuple[int, int] | list[int] = (0, 0)) -> Tensor:
@@ -150,6 +141,6 @@ def direct_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, groups:
     padding = [padding, padding] if isinstance(padding, int) else [int(p) for p in padding]
     validate(x, weight, bias, groups, padding)
     if not extension_loaded():
-        _log_once("compiled extension not loaded; direct_conv2d runs F.conv2d")
+        log_once("compiled extension not loaded; direct_conv2d runs F.conv2d")
         return direct_conv2d_reference(x, weight, bias, groups, padding)
     return torch.ops.scaleinv.direct_conv2d(x, weight, bias, int(groups), padding)

@@ -54,15 +54,12 @@ is the same layer in plain torch (``F.batch_norm`` → ``relu`` → ``F.max_pool
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scaleinv_kernels._extension import extension_loaded, triton_available
-
-log = logging.getLogger("scaleinv_kernels")
+from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
 
 OP = "scaleinv::bn_act_pool"
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -596,10 +593,6 @@ if extension_loaded():
 # ----------------------------------------------------------------------------------
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    log.warning("scaleinv_kernels: %s", message)
-
 
 def bn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
@@ -625,7 +618,7 @@ def bn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         mean, invstd = running_mean, torch.rsqrt(running_var + eps)
     validate_forward(x, weight, bias, mean, invstd, eps, pool, op="bn_act_pool: ")
     if not extension_loaded():
-        _log_once("compiled extension not loaded; bn_act_pool runs the torch reference")
+        log_once("compiled extension not loaded; bn_act_pool runs the torch reference")
         return bn_act_pool_reference(x, weight, bias, running_mean, running_var,
                                      training=training, momentum=momentum, eps=eps,
                                      relu=relu, pool=pool)

@@ -40,16 +40,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from scaleinv_kernels._extension import extension_loaded, triton_available
-
-log = logging.getLogger("scaleinv_kernels")
+from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
 
 STAT_COLUMNS = ("w_sq", "g_sq", "w_dot_g", "delta_sq", "w_dot_delta", "nonfinite")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -420,7 +417,7 @@ def sgd_wd_triton(
     if not params:
         return
     if params[0].dtype == torch.float64:
-        _log_once("float64 params have no Triton kernel; they use the torch reference")
+        log_once("float64 params have no Triton kernel; they use the torch reference")
         return sgd_wd_reference(params, grads, momentum_buffers, fresh_buffers, stats,
                                 stats_rows, segments, lr_tensor, segment_hparams, lr,
                                 weight_decay, momentum, dampening, nesterov, maximize)
@@ -458,10 +455,6 @@ def sgd_wd_triton(
             dst.copy_(src)
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    log.warning("scaleinv_kernels: %s", message)
-
 
 # ----------------------------------------------------------------------------------
 # dispatch
@@ -484,7 +477,7 @@ def select_backend(device: torch.device) -> str:
         return "cpp" if extension_loaded() else "reference"
     if device.type == "cuda" and triton_available():
         return "triton"
-    _log_once(f"no fused kernel for {device.type} tensors; using the torch reference")
+    log_once(f"no fused kernel for {device.type} tensors; using the torch reference")
     return "reference"
 
 
