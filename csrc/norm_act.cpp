@@ -83,6 +83,32 @@ NA_AVX512_FN static inline __m512i odd_cols() {
   return _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+// The four corners (row-major: top-left, top-right, bottom-left, bottom-right) of 16
+// windows, from their top rows' columns [ta | tb] and bottom rows' [ba | bb] (each pair is
+// 32 columns: one row's next 32, or two rows' first 16 for row pairs).
+NA_AVX512_FN static inline void window_corners(__m512 ta, __m512 tb, __m512 ba, __m512 bb,
+                                               __m512* v) {
+  const __m512i ev = even_cols(), od = odd_cols();
+  v[0] = _mm512_permutex2var_ps(ta, ev, tb);
+  v[1] = _mm512_permutex2var_ps(ta, od, tb);
+  v[2] = _mm512_permutex2var_ps(ba, ev, bb);
+  v[3] = _mm512_permutex2var_ps(ba, od, bb);
+}
+
+// v[kk] per lane (kk in 0..3).
+NA_AVX512_FN static inline __m512 corner_at(const __m512* v, __m512i kk) {
+  __m512 x = v[0];
+  for (int j = 1; j < 4; ++j)
+    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(j)), v[j]);
+  return x;
+}
+
+// g split by the corner it goes to: c[j] = g where kk == j, 0 elsewhere.
+NA_AVX512_FN static inline void split_by_corner(__m512 g, __m512i kk, __m512* c) {
+  for (int j = 0; j < 4; ++j)
+    c[j] = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(j)), g);
+}
+
 // Row pairs for narrow planes (Wo <= 8, e.g. 14x14 -> 7x7): one 16-lane step covers the
 // windows of TWO output rows, lanes 0..Wo-1 for row oh and 8..8+Wo-1 for row oh+1 (one row
 // at a time would use 7 of 16 lanes). permutex2var(a, even_cols, b) is [even columns of
@@ -126,7 +152,6 @@ NA_AVX512_FN static inline __m512 window_max_f32(__m512* v, __m512 va, __m512 vb
 // Forward: one plane, y = relu?(x * alpha + beta), 2x2 max with torch's rule, index.
 NA_AVX512_FN void pool_plane_f32(const float* x, float* out, uint8_t* ind, int64_t W,
                                  int64_t Ho, int64_t Wo, float alpha, float beta, bool relu) {
-  const __m512i ev = even_cols(), od = odd_cols();
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta), z = _mm512_setzero_ps();
   int64_t oh = 0;
   if (Wo <= 8) {
@@ -137,8 +162,8 @@ NA_AVX512_FN void pool_plane_f32(const float* x, float* out, uint8_t* ind, int64
       const __m512 a1 = _mm512_maskz_loadu_ps(pm.in, r0 + W);
       const __m512 a2 = _mm512_maskz_loadu_ps(pm.in, r0 + 2 * W);
       const __m512 a3 = _mm512_maskz_loadu_ps(pm.in, r0 + 3 * W);
-      __m512 v[4] = {_mm512_permutex2var_ps(a0, ev, a2), _mm512_permutex2var_ps(a0, od, a2),
-                     _mm512_permutex2var_ps(a1, ev, a3), _mm512_permutex2var_ps(a1, od, a3)};
+      __m512 v[4];
+      window_corners(a0, a2, a1, a3, v);
       __m512i idx;
       const __m512 best = window_max_f32(v, va, vb, z, relu, &idx);
       _mm512_mask_compressstoreu_ps(out + oh * Wo, pm.win, best);
@@ -155,8 +180,8 @@ NA_AVX512_FN void pool_plane_f32(const float* x, float* out, uint8_t* ind, int64
       const __m512 b0 = _mm512_maskz_loadu_ps(m.b, r0 + 2 * ow + 16);
       const __m512 a1 = _mm512_maskz_loadu_ps(m.a, r1 + 2 * ow);
       const __m512 b1 = _mm512_maskz_loadu_ps(m.b, r1 + 2 * ow + 16);
-      __m512 v[4] = {_mm512_permutex2var_ps(a0, ev, b0), _mm512_permutex2var_ps(a0, od, b0),
-                     _mm512_permutex2var_ps(a1, ev, b1), _mm512_permutex2var_ps(a1, od, b1)};
+      __m512 v[4];
+      window_corners(a0, b0, a1, b1, v);
       __m512i idx;
       const __m512 best = window_max_f32(v, va, vb, z, relu, &idx);
       _mm512_mask_storeu_ps(out + oh * Wo + ow, m.out, best);
@@ -177,19 +202,12 @@ NA_AVX512_FN static inline void routed(const float* r0, const float* r1, const f
   }
   *kk = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m.out, k + ow));
   if (xs) {
-    const __m512i ev = even_cols(), od = odd_cols();
-    const __m512 a0 = _mm512_maskz_loadu_ps(m.a, r0 + 2 * ow);
-    const __m512 b0 = _mm512_maskz_loadu_ps(m.b, r0 + 2 * ow + 16);
-    const __m512 a1 = _mm512_maskz_loadu_ps(m.a, r1 + 2 * ow);
-    const __m512 b1 = _mm512_maskz_loadu_ps(m.b, r1 + 2 * ow + 16);
-    __m512 x = _mm512_permutex2var_ps(a0, ev, b0);
-    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(1)),
-                           _mm512_permutex2var_ps(a0, od, b0));
-    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(2)),
-                           _mm512_permutex2var_ps(a1, ev, b1));
-    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(3)),
-                           _mm512_permutex2var_ps(a1, od, b1));
-    *xs = x;
+    __m512 v[4];
+    window_corners(_mm512_maskz_loadu_ps(m.a, r0 + 2 * ow),
+                   _mm512_maskz_loadu_ps(m.b, r0 + 2 * ow + 16),
+                   _mm512_maskz_loadu_ps(m.a, r1 + 2 * ow),
+                   _mm512_maskz_loadu_ps(m.b, r1 + 2 * ow + 16), v);
+    *xs = corner_at(v, *kk);
   }
 }
 
@@ -208,19 +226,11 @@ NA_AVX512_FN static inline void routed_pair(const float* r0, int64_t W, const fl
   *kk = _mm512_maskz_expand_epi32(pm.win,
                                   _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(pm.flat, k)));
   if (xs) {
-    const __m512i ev = even_cols(), od = odd_cols();
-    const __m512 a0 = _mm512_maskz_loadu_ps(pm.in, r0);
-    const __m512 a1 = _mm512_maskz_loadu_ps(pm.in, r0 + W);
-    const __m512 a2 = _mm512_maskz_loadu_ps(pm.in, r0 + 2 * W);
-    const __m512 a3 = _mm512_maskz_loadu_ps(pm.in, r0 + 3 * W);
-    __m512 x = _mm512_permutex2var_ps(a0, ev, a2);
-    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(1)),
-                           _mm512_permutex2var_ps(a0, od, a2));
-    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(2)),
-                           _mm512_permutex2var_ps(a1, ev, a3));
-    x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(*kk, _mm512_set1_epi32(3)),
-                           _mm512_permutex2var_ps(a1, od, a3));
-    *xs = x;
+    __m512 v[4];  // rows 2oh, 2oh+2 are the tops, 2oh+1, 2oh+3 the bottoms
+    window_corners(_mm512_maskz_loadu_ps(pm.in, r0), _mm512_maskz_loadu_ps(pm.in, r0 + 2 * W),
+                   _mm512_maskz_loadu_ps(pm.in, r0 + W),
+                   _mm512_maskz_loadu_ps(pm.in, r0 + 3 * W), v);
+    *xs = corner_at(v, *kk);
   }
 }
 
@@ -317,11 +327,9 @@ NA_AVX512_FN void pool_dx_plane_f32(const float* x, float* dx, const float* go, 
       __m512i kk;
       routed_pair(nullptr, W, go + oh * Wo, o + oh * Wo, k + oh * Wo, pm, relu, &g, nullptr,
                   &kk);
-      g = _mm512_mul_ps(g, vs);
-      const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(0)), g);
-      const __m512 o0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(1)), g);
-      const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(2)), g);
-      const __m512 o1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(3)), g);
+      __m512 corner[4];  // g at top-left, top-right, bottom-left, bottom-right
+      split_by_corner(_mm512_mul_ps(g, vs), kk, corner);
+      const __m512 e0 = corner[0], o0 = corner[1], e1 = corner[2], o1 = corner[3];
       // input rows 2oh .. 2oh+3: tops of row oh's windows, bottoms, then row oh+1's
       const __m512 add[4] = {_mm512_permutex2var_ps(e0, lo, o0), _mm512_permutex2var_ps(e1, lo, o1),
                              _mm512_permutex2var_ps(e0, hi, o0), _mm512_permutex2var_ps(e1, hi, o1)};
@@ -347,11 +355,9 @@ NA_AVX512_FN void pool_dx_plane_f32(const float* x, float* dx, const float* go, 
       __m512i kk;
       routed(nullptr, nullptr, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g, nullptr,
              &kk);
-      g = _mm512_mul_ps(g, vs);
-      const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(0)), g);
-      const __m512 o0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(1)), g);
-      const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(2)), g);
-      const __m512 o1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(3)), g);
+      __m512 corner[4];  // g at top-left, top-right, bottom-left, bottom-right
+      split_by_corner(_mm512_mul_ps(g, vs), kk, corner);
+      const __m512 e0 = corner[0], o0 = corner[1], e1 = corner[2], o1 = corner[3];
       const int64_t c = 2 * ow;
       _mm512_mask_storeu_ps(
           d0 + c, m.a,
