@@ -7,8 +7,9 @@
 // and a whole group (N runs) is <= 1 MiB, so it is still in L2 for the second pass:
 //   forward  (training): statistics of the group (x from memory), then normalize/ReLU/
 //                        pool (x from L2) writing out (1/4) and the uint8 window index;
-//   backward (training): sums over the pooled positions (grad_out, index, out and x at
-//                        the argmax), then dx (x from L2).
+//   backward (training): sums over the pooled positions (grad_out, index and out: x̂ is
+//                        recovered from out, see XhatSource; x only on ill-conditioned
+//                        channels), then dx (x, and the small tensors from L2).
 // Eval mode needs no statistics: the forward runs over (n, c) planes in memory order.
 //
 // Statistics are accumulated in fp64 (shifted by the channel's first element, so the
@@ -244,31 +245,46 @@ NA_AVX512_FN static inline void accumulate_sums(__m512 g, __m512 d, __m512d* acc
   *acc2 = _mm512_fmadd_pd(ghi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1)), *acc2);
 }
 
-// Backward sums over one plane's windows: s1 += g, s2 += g * (x_argmax - mean), fp64.
+// Backward sums over one plane's windows: s1 += g, s2 += g * (v - shift), fp64, where v is
+// the window's output (from_out: x̂ is recovered from it, see XhatSource; x is not read)
+// or x at the argmax (shift = mean).
 NA_AVX512_FN void pool_sums_plane_f32(const float* x, const float* go, const float* o,
                                       const uint8_t* k, int64_t W, int64_t Ho, int64_t Wo,
-                                      float mean, bool relu, double* s1, double* s2) {
+                                      float shift, bool from_out, bool relu, double* s1,
+                                      double* s2) {
   __m512d acc1 = _mm512_setzero_pd(), acc2 = _mm512_setzero_pd();
-  const __m512 vm = _mm512_set1_ps(mean);
+  const __m512 vm = _mm512_set1_ps(shift);
   int64_t oh = 0;
   if (Wo <= 8) {
     const PairMasks pm = pair_masks(Wo);
     for (; oh + 2 <= Ho; oh += 2) {
-      __m512 g, xs;
+      __m512 g, v;
       __m512i kk;
-      routed_pair(x + 2 * oh * W, W, go + oh * Wo, o + oh * Wo, k + oh * Wo, pm, relu, &g, &xs,
-                  &kk);
-      accumulate_sums(g, _mm512_sub_ps(xs, vm), &acc1, &acc2);
+      if (from_out) {
+        routed_pair(nullptr, W, go + oh * Wo, o + oh * Wo, k + oh * Wo, pm, relu, &g, nullptr,
+                    &kk);
+        v = _mm512_maskz_expandloadu_ps(pm.win, o + oh * Wo);
+      } else {
+        routed_pair(x + 2 * oh * W, W, go + oh * Wo, o + oh * Wo, k + oh * Wo, pm, relu, &g, &v,
+                    &kk);
+      }
+      accumulate_sums(g, _mm512_sub_ps(v, vm), &acc1, &acc2);
     }
   }
   for (; oh < Ho; ++oh) {
     const float* r0 = x + 2 * oh * W;
     for (int64_t ow = 0; ow < Wo; ow += 16) {
       const WinMasks m = win_masks(std::min<int64_t>(16, Wo - ow));
-      __m512 g, xs;
+      __m512 g, v;
       __m512i kk;
-      routed(r0, r0 + W, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g, &xs, &kk);
-      accumulate_sums(g, _mm512_sub_ps(xs, vm), &acc1, &acc2);
+      if (from_out) {
+        routed(nullptr, nullptr, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g,
+               nullptr, &kk);
+        v = _mm512_maskz_loadu_ps(m.out, o + oh * Wo + ow);
+      } else {
+        routed(r0, r0 + W, go + oh * Wo, o + oh * Wo, k + oh * Wo, ow, m, relu, &g, &v, &kk);
+      }
+      accumulate_sums(g, _mm512_sub_ps(v, vm), &acc1, &acc2);
     }
   }
   *s1 += _mm512_reduce_add_pd(acc1);
@@ -276,12 +292,13 @@ NA_AVX512_FN void pool_sums_plane_f32(const float* x, const float* go, const flo
 }
 
 // Backward sums over one plane without pooling (GCC leaves the masked fp64 reduction of
-// the portable loop scalar: 4.7 GB/s on [64, 128, 7, 7]): s1 += g, s2 += g * (x - mean).
+// the portable loop scalar: 4.7 GB/s on [64, 128, 7, 7]): s1 += g, s2 += g * (v - shift),
+// v = x or out (see pool_sums_plane_f32).
 NA_AVX512_FN void plain_sums_plane_f32(const float* x, const float* go, const float* o,
-                                       int64_t HW, float mean, bool relu, double* s1,
+                                       int64_t HW, float shift, bool relu, double* s1,
                                        double* s2) {
   __m512d acc1 = _mm512_setzero_pd(), acc2 = _mm512_setzero_pd();
-  const __m512 vm = _mm512_set1_ps(mean);
+  const __m512 vm = _mm512_set1_ps(shift);
   for (int64_t i = 0; i < HW; i += 16) {
     const int64_t rem = std::min<int64_t>(16, HW - i);
     const __mmask16 m = static_cast<__mmask16>(rem == 16 ? 0xFFFFu : (1u << rem) - 1u);
@@ -578,6 +595,9 @@ struct BwdArgs {
   T* dx;
   double* sums;  // [C, 2]: sum(g), sum(g * xhat)
   bool training, need_sums;
+  const uint8_t* from_out;  // [C] see XhatSource
+  const T* shift;           // [C]
+  const double* post;       // [C]
   Geo g;
   double* part;  // [K, C, 2] per-chunk sum(g), sum(g * (x - mean))
   int64_t per;   // planes per chunk
@@ -585,13 +605,15 @@ struct BwdArgs {
   int64_t dx_plane0 = 0;   // plane p's dx is at dx + (p - dx_plane0) * HW
 };
 
-// sum(g) and sum(g * xhat) of channel c, g = grad_out routed to the argmax (masked by
-// out > 0 with relu); only the pooled positions carry a gradient.
+// sum(g) and sum(g * (v - shift)) of channel c (post[c] turns the second into sum(g *
+// xhat)), g = grad_out routed to the argmax (masked by out > 0 with relu); only the pooled
+// positions carry a gradient. v is the output there (from_out[c]) or x at the argmax.
 template <typename T>
 NA_INLINE void plane_sums(const BwdArgs<T>& a, int64_t plane, double* out) {
   const Geo& g = a.g;
   const int64_t c = plane % g.C;
-  const double mean = a.mean[c];
+  const bool from_out = a.from_out[c];
+  const T shift = a.shift[c];
   double s1 = 0, s2 = 0;
   {
     const T* __restrict__ x = a.x + plane * g.HW;
@@ -599,22 +621,35 @@ NA_INLINE void plane_sums(const BwdArgs<T>& a, int64_t plane, double* out) {
     if constexpr (std::is_same_v<T, float>) {
       if (g.pool == 2 && use_avx512_kernels()) {
         pool_sums_plane_f32(x, a.gout + plane * g.HWo, a.out + plane * g.HWo,
-                            a.ind + plane * g.HWo, g.W, g.Ho, g.Wo, static_cast<float>(mean),
-                            g.relu, out, out + 1);
+                            a.ind + plane * g.HWo, g.W, g.Ho, g.Wo, shift, from_out, g.relu,
+                            out, out + 1);
         return;
       }
       if (g.pool == 0 && use_avx512_kernels()) {
-        plain_sums_plane_f32(x, a.gout + plane * g.HW, a.out + plane * g.HW, g.HW,
-                             static_cast<float>(mean), g.relu, out, out + 1);
+        const float* o = a.out + plane * g.HW;
+        plain_sums_plane_f32(from_out ? o : x, a.gout + plane * g.HW, o, g.HW, shift, g.relu,
+                             out, out + 1);
         return;
       }
     }
 #endif
+    const double sh = static_cast<double>(shift);
     if (g.pool == 2) {
       const T* __restrict__ go = a.gout + plane * g.HWo;
       const T* __restrict__ o = a.out + plane * g.HWo;
       const uint8_t* __restrict__ k = a.ind + plane * g.HWo;
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        if (from_out) {  // contiguous: no gather from x
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            const int64_t j = oh * g.Wo + ow;
+            double gv = static_cast<double>(go[j]);
+            if (g.relu) gv = o[j] > T(0) ? gv : 0.0;
+            s1 += gv;
+            s2 += gv * (static_cast<double>(o[j]) - sh);
+          }
+          continue;
+        }
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
           const int64_t j = oh * g.Wo + ow;
@@ -623,18 +658,19 @@ NA_INLINE void plane_sums(const BwdArgs<T>& a, int64_t plane, double* out) {
           const int kk = k[j];
           const double xv = x[(2 * oh + (kk >> 1)) * g.W + 2 * ow + (kk & 1)];
           s1 += gv;
-          s2 += gv * (xv - mean);
+          s2 += gv * (xv - sh);
         }
       }
     } else {
       const T* __restrict__ go = a.gout + plane * g.HW;
       const T* __restrict__ o = a.out + plane * g.HW;
+      const T* __restrict__ v = from_out ? o : x;
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t i = 0; i < g.HW; ++i) {
         double gv = static_cast<double>(go[i]);
         if (g.relu) gv = o[i] > T(0) ? gv : 0.0;
         s1 += gv;
-        s2 += gv * (static_cast<double>(x[i]) - mean);
+        s2 += gv * (static_cast<double>(v[i]) - sh);
       }
     }
   }
@@ -708,7 +744,8 @@ NA_INLINE void dx_planes(const BwdArgs<T>& a, int64_t p0, int64_t p1) {
 }
 
 // Backward over channel groups (see forward_groups): sums over the group's pooled
-// positions into a.sums (zeroed), then dx for the group's planes (x from L2).
+// positions into a.sums (zeroed), then dx for the group's planes (grad_out, out and the
+// index from L2; x from L2 too on channels whose sums read it).
 template <typename T>
 NA_INLINE void backward_groups(const BwdArgs<T>& a, int64_t g0, int64_t g1) {
   const Geo& g = a.g;
@@ -717,7 +754,7 @@ NA_INLINE void backward_groups(const BwdArgs<T>& a, int64_t g0, int64_t g1) {
     if (a.need_sums) {
       for (int64_t n = 0; n < g.N; ++n)
         for (int64_t c = c0; c < c1; ++c) plane_sums(a, n * g.C + c, a.sums + 2 * c);
-      for (int64_t c = c0; c < c1; ++c) a.sums[2 * c + 1] *= static_cast<double>(a.invstd[c]);
+      for (int64_t c = c0; c < c1; ++c) a.sums[2 * c + 1] *= a.post[c];
     }
 #ifdef NA_HAVE_AVX512_KERNELS
     constexpr bool kCanStream = std::is_same_v<T, float>;
@@ -803,6 +840,39 @@ int64_t channels_per_group(const Geo& g, int64_t elem_size) {
 // Grain sizes: enough work per task that a task is not dominated by scheduling.
 int64_t grain(int64_t per_item, int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>(items, (1 << 16) / std::max<int64_t>(1, per_item)));
+}
+
+// x̂ at the pooled positions, for the backward sums (sum(g * xhat): grad_weight and the
+// training-mode dx). Where g != 0 the forward's output is y = x * alpha + beta (alpha =
+// invstd * w, beta = b - mean * alpha: the same float values as the forward), so x - mean
+// = (y - b) / alpha, and the sums pass reads grad_out, out and the index but not x (the
+// identity in-place-activated BN is built on). In float32 the recovered x̂ is off by about
+// 2^-24 * (|mean| * invstd + |b| / |w|) + 1 ulp of y: the forward's own rounding. Channels
+// where that bound exceeds kOutCond * 2^-24 (a mean far from 0 in units of the standard
+// deviation, a large bias, w == 0) read x at the argmax instead, exactly as before.
+constexpr double kOutCond = 8.0;
+
+template <typename T>
+struct XhatSource {
+  std::vector<uint8_t> from_out;  // [C] 1: v = out, shift = b; 0: v = x, shift = mean
+  std::vector<T> shift;           // [C]
+  std::vector<double> post;       // [C] sum(g * (v - shift)) * post = sum(g * xhat)
+};
+
+template <typename T>
+XhatSource<T> xhat_source(const T* w, const T* b, const T* mean, const T* invstd, int64_t C) {
+  XhatSource<T> s{std::vector<uint8_t>(C), std::vector<T>(C), std::vector<double>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    const T alpha = invstd[c] * (w ? w[c] : T(1));  // as affine() forms it
+    const double a = static_cast<double>(alpha), is = static_cast<double>(invstd[c]);
+    const double bias = b ? static_cast<double>(b[c]) : 0.0;
+    const double cond = std::abs(static_cast<double>(mean[c])) * is + std::abs(bias) * is /
+                                                                          std::abs(a);
+    s.from_out[c] = a != 0.0 && std::isfinite(a) && cond <= kOutCond;  // NaN: false
+    s.shift[c] = s.from_out[c] ? static_cast<T>(bias) : mean[c];
+    s.post[c] = s.from_out[c] ? is / a : is;
+  }
+  return s;
 }
 
 // ---- validation ------------------------------------------------------------------
@@ -947,7 +1017,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
 bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
-                         const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
                          const at::Tensor& save_invstd, const at::Tensor& out_in,
                          const at::Tensor& index_in, bool training, bool relu, int64_t pool,
                          std::array<bool, 3> output_mask) {
@@ -971,8 +1042,9 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                       op, "index must be uint8 of the output's shape ", at::IntArrayRef(out_shape),
                       ", got ", index_in.scalar_type(), " ", shape_str(index_in));
   }
-  std::optional<at::Tensor> w;
+  std::optional<at::Tensor> w, b;
   if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
+  if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
   check_vec(op, "save_mean", save_mean, x_in, g.C);
   check_vec(op, "save_invstd", save_invstd, x_in, g.C);
   const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
@@ -995,9 +1067,17 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                           sums.data_ptr<double>(),
                           training,
                           need_sums,
+                          nullptr,
+                          nullptr,
+                          nullptr,
                           g,
                           nullptr,
                           0};
+      const XhatSource<scalar_t> src =
+          xhat_source(a.w, ptr_or_null<scalar_t>(b), a.mean, a.invstd, g.C);
+      a.from_out = src.from_out.data();
+      a.shift = src.shift.data();
+      a.post = src.post.data();
       a.per = channels_per_group(g, sizeof(scalar_t));
       a.stream = std::is_same_v<scalar_t, float> && g.pool == 2 && use_avx512_kernels() &&
                  dx.nbytes() >= stream_min_bytes();

@@ -1,6 +1,6 @@
 // Autograd of scaleinv::bn_act_pool, in C++ for every device: the forward runs the op's
 // device kernel (C++ on CPU, the Triton kernel registered from Python on CUDA) below
-// autograd and saves x, weight, the statistics, out and the window index; the backward
+// autograd and saves x, weight, bias, the statistics, out and the window index; the backward
 // runs scaleinv::bn_act_pool_backward. The same contract as the Python
 // torch.library.register_autograd version it replaces, without its per-call Python cost
 // (~0.1 ms per forward + backward, most of the op's time on small shapes).
@@ -22,9 +22,9 @@ using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, int64_t);
 using BwdSig = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool, int64_t,
-    std::array<bool, 3>);
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, bool, bool, int64_t, std::array<bool, 3>);
 
 class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
  public:
@@ -41,7 +41,7 @@ class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
     auto [out, save_mean, save_invstd, index] =
         op.call(x, weight, bias, mean, invstd, eps, relu, pool);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd, out,
-                            index});
+                            index, bias.value_or(at::Tensor())});
     ctx->saved_data["training"] = !mean.has_value();
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["pool"] = pool;
@@ -60,13 +60,15 @@ class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::optional<at::Tensor> weight =
         has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+    const std::optional<at::Tensor> bias =
+        has_bias ? std::optional<at::Tensor>(saved[6]) : std::nullopt;
     const std::array<bool, 3> mask{true, has_weight && ctx->needs_input_grad(1),
                                    has_bias && ctx->needs_input_grad(2)};
     // grad_out is undefined when only the non-differentiable outputs were used
     const at::Tensor grad_out =
         grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[4]);
     auto [gx, gw, gb] =
-        op.call(grad_out, saved[0], weight, saved[2], saved[3], saved[4], saved[5],
+        op.call(grad_out, saved[0], weight, bias, saved[2], saved[3], saved[4], saved[5],
                 ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
                 ctx->saved_data["pool"].toInt(), mask);
     return {gx,           gw.value_or(at::Tensor()), gb.value_or(at::Tensor()), at::Tensor(),

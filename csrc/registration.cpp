@@ -25,7 +25,8 @@ TORCH_LIBRARY(scaleinv, m) {
       "float eps, bool relu, int pool) -> (Tensor out, Tensor save_mean, Tensor save_invstd, "
       "Tensor index)");
   m.def(
-      "bn_act_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
+      "bn_act_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, "
       "Tensor save_invstd, Tensor out, Tensor index, bool training, bool relu, int pool, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor? grad_weight, Tensor? grad_bias)");
 

@@ -27,15 +27,24 @@ Contract (same for every backend)::
 
 ::
 
-    bn_act_pool_backward(grad_out, x, weight, save_mean, save_invstd, out, index,
+    bn_act_pool_backward(grad_out, x, weight, bias, save_mean, save_invstd, out, index,
                          training, relu, pool, output_mask) -> (grad_x, grad_weight, grad_bias)
 
 * g = grad_out routed to the argmax of its window (0 elsewhere, also on a dropped odd
   row/column), and 0 where ``out <= 0`` (or NaN) when ``relu``; ``x̂ = (x−mean)·invstd``.
 * training: ``grad_x = w·invstd·(g − mean(g) − x̂·mean(g·x̂))``, means over (N, H, W);
   eval: ``grad_x = g·w·invstd``. ``grad_weight = Σ g·x̂`` and ``grad_bias = Σ g`` (only
-  where ``output_mask[1]``/``[2]``, else None), computed from grad_out, index and x at
+  where ``output_mask[1]``/``[2]``, else None), computed from grad_out, index and x̂ at
   the argmax without materialising g. ``grad_x`` is always computed.
+* x̂ at the argmax, for ``Σ g·x̂``: where g ≠ 0, ``out`` is the forward's y = x·α + β
+  there (α = invstd·w, β = b − mean·α), so ``x̂ = (out − b)·invstd/α`` and the sums need
+  not read x (the identity in-place-activated BatchNorm is built on); this is why the
+  backward takes ``bias`` and needs the forward's own ``out``. The C++ and Triton kernels
+  use it per channel where it is well conditioned (:func:`xhat_source`: in float32 the
+  recovered x̂ is off by about 2⁻²⁴·(|mean|·invstd + |b|/|w|), the forward's own
+  rounding, and that bound must be ≤ 8·2⁻²⁴) and read x at the argmax elsewhere (a mean
+  far from 0 in standard deviations, a large bias, w = 0). The torch backend
+  (:func:`bn_act_pool_backward_torch`, the reference) always reads x.
 
 Not covered, by decision: GroupNorm. Its statistics reduce over (C/G, H, W) of one sample,
 the kernel's work layout reduces over (N, H, W) of one channel (groups of channels, each
@@ -201,12 +210,14 @@ def _routed_grad(grad_out: Tensor, x: Tensor, out: Tensor, index: Tensor, relu: 
 
 
 def bn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | None,
-                               save_mean: Tensor, save_invstd: Tensor, out: Tensor,
+                               bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor,
+                               out: Tensor,
                                index: Tensor, training: bool, relu: bool, pool: int,
                                output_mask: list[bool]
                                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The backward op's contract with torch ops (sums in float64)."""
-    validate_forward(x, weight, None, save_mean, save_invstd, 0.0, pool,
+    """The backward op's contract with torch ops (sums in float64; x̂ from x, the exact
+    reference the kernels' x̂-from-out sums are tested against)."""
+    validate_forward(x, weight, bias, save_mean, save_invstd, 0.0, pool,
                      op="scaleinv::bn_act_pool_backward: ")
     g = _routed_grad(grad_out, x, out, index, relu, pool).double()
     xhat = (x.double() - _bcast(save_mean.double(), x)) * _bcast(save_invstd.double(), x)
@@ -222,6 +233,30 @@ def bn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
             s1.to(x.dtype) if output_mask[2] else None)
 
 
+# Largest x̂ error, in units of 2⁻²⁴, for which the backward sums take x̂ from out
+# (the C++ kernels use the same bound: kOutCond in csrc/norm_act.cpp).
+OUT_COND = 8.0
+
+
+def xhat_source(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per channel, where the backward sums get x̂ at the argmax (see the module docstring).
+
+    Returns ``(from_out, shift, post)``, all ``[C]``: ``from_out`` (bool) where x̂ is
+    recovered from out (α ≠ 0 and finite, ``|mean|·invstd + |b|·invstd/|α| ≤ OUT_COND``);
+    ``shift`` (x's dtype) is subtracted from the value read (b from out, mean from x) and
+    ``post`` (float64) turns ``Σ g·(v − shift)`` into ``Σ g·x̂`` (invstd/α, resp. invstd).
+    """
+    alpha = invstd * weight if weight is not None else invstd  # as the forward forms it
+    a, inv = alpha.double(), invstd.double()
+    b = bias.double() if bias is not None else torch.zeros_like(a)
+    cond = mean.double().abs() * inv + b.abs() * inv / a.abs()
+    from_out = (a != 0) & torch.isfinite(a) & (cond <= OUT_COND)
+    shift = torch.where(from_out, b, mean.double()).to(mean.dtype)
+    post = torch.where(from_out, inv / a, inv)
+    return from_out, shift, post
+
+
 # ----------------------------------------------------------------------------------
 # Triton kernels (CUDA; also run on CPU tensors under TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------
@@ -230,7 +265,8 @@ def bn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
 # N*H*W values, shifted by the channel's first element, in fp64, and adds them with
 # atomic_add into sums[C, 2]); _fwd_kernel (grid N*C planes x blocks of outputs: mean and
 # invstd from the sums, normalize, ReLU, 2x2 max + index). Backward: _bwd_reduce_kernel
-# (grid C x SPLIT over the pooled positions: sum(g), sum(g*xhat) into fp64 sums[C, 2]) and
+# (grid C x SPLIT over the pooled positions: sum(g), sum(g*(v - shift)) into fp64
+# sums[C, 2], v = out or x at the argmax as xhat_source decides) and
 # _bwd_dx_kernel (grid N*C planes x blocks of inputs). The atomics make the last bits of
 # the statistics depend on the order in which programs finish.
 
@@ -356,10 +392,11 @@ if triton_available():
     def _bwd_reduce_kernel(
         gout_ptr,  # *fp32 [N, C, Ho, Wo] incoming gradient
         x_ptr,  # *fp32 [N, C, H, W] input
-        mean_ptr,  # *fp32 [C] save_mean
+        from_out_ptr,  # *i8 [C] 1: v = out (x not read), 0: v = x at the argmax
+        shift_ptr,  # *fp32 [C] subtracted from v (b, resp. mean)
         out_ptr,  # *fp32 [N, C, Ho, Wo] forward output (ReLU mask: out > 0)
         ind_ptr,  # *u8 [N, C, Ho, Wo] argmax position (POOL)
-        sums_ptr,  # *fp64 [C, 2] (zeroed) sum(g), sum(g * (x - mean))
+        sums_ptr,  # *fp64 [C, 2] (zeroed) sum(g), sum(g * (v - shift))
         C,
         W,  # input width
         HW,  # input elements per plane
@@ -373,7 +410,8 @@ if triton_available():
     ):
         c = tl.program_id(0).to(tl.int64)
         start0 = tl.program_id(1).to(tl.int64) * per_prog
-        mean = tl.load(mean_ptr + c)
+        shift = tl.load(shift_ptr + c)
+        from_out = tl.load(from_out_ptr + c).to(tl.int32)
         acc1 = tl.zeros([BLOCK], dtype=tl.float64)
         acc2 = tl.zeros([BLOCK], dtype=tl.float64)
         for start in range(start0, tl.minimum(start0 + per_prog, total), BLOCK):
@@ -383,18 +421,21 @@ if triton_available():
             j = offs % HWo
             plane = n * C + c
             g = tl.load(gout_ptr + plane * HWo + j, mask=mask, other=0.0)
+            o = tl.load(out_ptr + plane * HWo + j, mask=mask, other=0.0)
             if RELU:
-                o = tl.load(out_ptr + plane * HWo + j, mask=mask, other=0.0)
                 g = tl.where(o > 0, g, 0.0)
             if POOL == 2:
                 k = tl.load(ind_ptr + plane * HWo + j, mask=mask, other=0).to(tl.int32)
                 pos = (2 * (j // Wo) + (k >> 1)) * W + 2 * (j % Wo) + (k & 1)
             else:
                 pos = j
-            xv = tl.load(x_ptr + plane * HW + pos, mask=mask, other=0.0)
+            # x only for channels that need it (a masked-off load moves no memory)
+            use_x = (j * 0 + from_out) == 0
+            xv = tl.load(x_ptr + plane * HW + pos, mask=mask & use_x, other=0.0)
+            v = tl.where(use_x, xv, o)
             g64 = g.to(tl.float64)
             acc1 += g64
-            acc2 += g64 * (xv - mean).to(tl.float64)
+            acc2 += g64 * (v - shift).to(tl.float64)
         tl.atomic_add(sums_ptr + c * 2, tl.sum(acc1, axis=0))
         tl.atomic_add(sums_ptr + c * 2 + 1, tl.sum(acc2, axis=0))
 
@@ -407,7 +448,7 @@ if triton_available():
         invstd_ptr,  # *fp32 [C]
         out_ptr,  # *fp32 [N, C, Ho, Wo] (RELU)
         ind_ptr,  # *u8 [N, C, Ho, Wo] (POOL)
-        sums_ptr,  # *fp64 [C, 2] sum(g), sum(g * (x - mean)) (TRAINING)
+        sums_ptr,  # *fp64 [C, 2] sum(g), sum(g * xhat) (TRAINING)
         dx_ptr,  # *fp32 [N, C, H, W] output
         C,
         W,  # input width
@@ -451,7 +492,7 @@ if triton_available():
         if TRAINING:
             mean = tl.load(mean_ptr + c)
             s1 = tl.load(sums_ptr + c * 2)
-            s2 = tl.load(sums_ptr + c * 2 + 1) * invstd.to(tl.float64)  # sum(g * xhat)
+            s2 = tl.load(sums_ptr + c * 2 + 1)
             k0 = (-scale.to(tl.float64) * s1 / count).to(tl.float32)
             k2 = (-scale.to(tl.float64) * invstd.to(tl.float64) * s2 / count).to(tl.float32)
             xv = tl.load(x_ptr + plane * HW + offs, mask=mask, other=0.0)
@@ -519,16 +560,17 @@ def bn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | None,
-                                save_mean: Tensor, save_invstd: Tensor, out: Tensor,
+                                bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor,
+                                out: Tensor,
                                 index: Tensor, training: bool, relu: bool, pool: int,
                                 output_mask: list[bool]
                                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Triton implementation of the backward contract (float64: torch ops)."""
-    validate_forward(x, weight, None, save_mean, save_invstd, 0.0, pool,
+    validate_forward(x, weight, bias, save_mean, save_invstd, 0.0, pool,
                      op="scaleinv::bn_act_pool_backward: ")
     if x.dtype == torch.float64:
-        return bn_act_pool_backward_torch(grad_out, x, weight, save_mean, save_invstd, out,
-                                          index, training, relu, pool, output_mask)
+        return bn_act_pool_backward_torch(grad_out, x, weight, bias, save_mean, save_invstd,
+                                          out, index, training, relu, pool, output_mask)
     x, grad_out, out = x.contiguous(), grad_out.contiguous(), out.contiguous()
     save_mean, save_invstd = save_mean.contiguous(), save_invstd.contiguous()
     index = index.contiguous() if pool == 2 else out
@@ -537,11 +579,14 @@ def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
     sums = torch.zeros(c, 2, dtype=torch.float64, device=x.device)
     need_sums = training or output_mask[1] or output_mask[2]
     if x.numel() and need_sums:
+        from_out, shift, post = xhat_source(weight, bias, save_mean, save_invstd)
         total = n * ho * wo
         split, per_prog = _split(c, total, MAX_BLOCK, x.device)
         _bwd_reduce_kernel[(c, split)](
-            grad_out, x, save_mean, out, index, sums, c, w, h * w, wo, ho * wo, total,
-            per_prog, RELU=bool(relu), POOL=pool, BLOCK=MAX_BLOCK, num_warps=8)
+            grad_out, x, from_out.to(torch.int8), shift, out, index, sums, c, w, h * w, wo,
+            ho * wo, total, per_prog, RELU=bool(relu), POOL=pool, BLOCK=MAX_BLOCK,
+            num_warps=8)
+        sums[:, 1] *= post  # sum(g * xhat)
     if x.numel():
         block = _block(h * w)
         _bwd_dx_kernel[(n * c, triton.cdiv(h * w, block))](
@@ -549,7 +594,7 @@ def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
             index, sums, dx, c, w, h * w, ho, wo, ho * wo, n * h * w,
             TRAINING=bool(training), HAS_W=weight is not None, RELU=bool(relu), POOL=pool,
             BLOCK=block, num_warps=4)
-    grad_w = (sums[:, 1] * save_invstd.double()).to(x.dtype) if output_mask[1] else None
+    grad_w = sums[:, 1].to(x.dtype) if output_mask[1] else None
     grad_b = sums[:, 0].to(x.dtype) if output_mask[2] else None
     return dx, grad_w, grad_b
 
@@ -567,8 +612,8 @@ def _fake_forward(x, weight, bias, mean, invstd, eps, relu, pool):
     return out, x.new_empty(c), x.new_empty(c), index
 
 
-def _fake_backward(grad_out, x, weight, save_mean, save_invstd, out, index, training, relu,
-                   pool, output_mask):
+def _fake_backward(grad_out, x, weight, bias, save_mean, save_invstd, out, index, training,
+                   relu, pool, output_mask):
     c = x.shape[1]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(c) if output_mask[1] else None,

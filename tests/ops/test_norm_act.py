@@ -216,8 +216,54 @@ def test_bad_input_raises():
         op(x[0], None, None, None, None, EPS, True, 2)
     out, sm, si, idx = op(x, w, b, None, None, EPS, True, 2)
     with pytest.raises(ValueError, match="grad_out and out must have the output's shape"):
-        torch.ops.scaleinv.bn_act_pool_backward(x, x, w, sm, si, out, idx, True, True, 2,
+        torch.ops.scaleinv.bn_act_pool_backward(x, x, w, b, sm, si, out, idx, True, True, 2,
                                                 [True, True, True])
+
+
+def _conditioning_case(pool, relu):
+    """x, w, b, go on [8, 6, 10, 10] whose channels take both x̂ sources (see xhat_source):
+    0 plain, 4 mean 7 std 1 (just inside the bound) and 5 (|b|/|w| = 6) from out; 1 mean
+    50 std 1, 2 w = 0 and 3 b = 100 from x."""
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(8, 6, 10, 10, generator=gen, dtype=torch.float64)
+    z = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), correction=0, keepdim=True)
+    x = (z + torch.tensor([0.0, 50, 0, 0, 7, 0], dtype=torch.float64).view(1, 6, 1, 1)).float()
+    w = torch.tensor([1.3, 0.8, 0.0, 1.0, 1.1, 0.5])
+    b = torch.tensor([0.2, -0.4, 0.3, 100.0, 0.1, 3.0])
+    if pool == 0:
+        x = x[:, :, :3]  # [8, 6, 3, 10]
+    out = torch.ops.scaleinv.bn_act_pool(x, w, b, None, None, EPS, relu, pool)
+    go = torch.randn(out[0].shape, generator=gen)
+    return x, w, b, go, out
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("pool,relu", [(2, True), (2, False), (0, True)], ids=str)
+def test_backward_xhat_source(pool, relu, backend):
+    """The sums take x̂ from out on well-conditioned channels and from x elsewhere: both
+    match the float64 reference, and perturbing out (same signs) moves grad_weight on
+    exactly the channels xhat_source picks."""
+    x, w, b, go, (out, sm, si, idx) = _conditioning_case(pool, relu)
+    from_out = na.xhat_source(w, b, sm, si)[0]
+    assert from_out.tolist() == [True, False, False, False, True, True]
+    if backend == "cpp":
+        def bwd(o):
+            return torch.ops.scaleinv.bn_act_pool_backward(go, x, w, b, sm, si, o, idx, True,
+                                                           relu, pool, [True, True, True])
+    else:
+        def bwd(o):
+            return na.bn_act_pool_backward_triton(go, x, w, b, sm, si, o, idx, True, relu,
+                                                  pool, [True, True, True])
+    got = bwd(out)
+    ref = na.bn_act_pool_backward_torch(go.double(), x.double(), w.double(), b.double(),
+                                        sm.double(), si.double(), out.double(), idx, True,
+                                        relu, pool, [True, True, True])
+    for name, g, r in zip(("grad x", "grad weight", "grad bias"), got, ref):
+        assert_close(g, r, f"{backend} {name}")
+    moved = bwd(torch.where(out > 0, out * 1.01, out))
+    changed = moved[1] != got[1]
+    assert changed.tolist() == from_out.tolist()
+    assert_bitwise(moved[2], got[2], "grad bias does not depend on out's magnitude")
 
 
 PORTABLE_SCRIPT = r"""
@@ -228,6 +274,7 @@ worst = 0.0
 for shape in ((4, 3, 7, 5), (2, 2, 6, 36), (3, 2, 4, 3), (3, 40, 14, 13)):
     for training in (True, False):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        x[:, 1::3] += 40  # channels whose backward sums read x (mean 40 std 1), the rest out
         w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
         res = []
         for fn in (bn_act_pool, bn_act_pool_reference):
@@ -276,10 +323,11 @@ def test_opcheck_cpu(args):
     out, sm, si, idx = torch.ops.scaleinv.bn_act_pool(x.detach(), w, b, mean, invstd, EPS, relu,
                                                       pool)
     go = torch.randn_like(out)
-    w = w.detach() if affine else None  # the backward op has no autograd of its own
+    # the backward op has no autograd of its own
+    w, b = (w.detach(), b.detach()) if affine else (None, None)
     torch.library.opcheck(torch.ops.scaleinv.bn_act_pool_backward.default,
-                          (go, x.detach(), w, sm, si, out.detach(), idx, not eval_mode, relu,
-                           pool, [True, affine, affine]))
+                          (go, x.detach(), w, b, sm, si, out.detach(), idx, not eval_mode,
+                           relu, pool, [True, affine, affine]))
 
 
 # ---- Triton kernels under the interpreter -------------------------------------------
@@ -310,10 +358,11 @@ def test_triton_matches_op_contract(case):
     assert_bitwise(fwd[3], cpp[3], "triton index vs C++")
     go = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(2))
     mask = [True, affine, affine]
-    got = na.bn_act_pool_backward_triton(go, x, w, *fwd[1:3], fwd[0], fwd[3], training, relu,
-                                         pool, mask)
+    got = na.bn_act_pool_backward_triton(go, x, w, b, *fwd[1:3], fwd[0], fwd[3], training,
+                                         relu, pool, mask)
     exp = na.bn_act_pool_backward_torch(go.double(), x.double(),
-                                        w.double() if affine else None, ref[1], ref[2], ref[0],
+                                        w.double() if affine else None,
+                                        b.double() if affine else None, ref[1], ref[2], ref[0],
                                         ref[3], training, relu, pool, mask)
     for name, g, r in zip(("grad x", "grad weight", "grad bias"), got, exp):
         if r is None:
@@ -337,9 +386,10 @@ kernels = {
                                 HWo=I, count=I, eps=F),
             [dict(TRAINING=True, HAS_W=True, HAS_B=True, RELU=True, POOL=2, BLOCK=256),
              dict(TRAINING=False, HAS_W=False, HAS_B=False, RELU=False, POOL=0, BLOCK=1024)]),
-    "bwd_reduce": (m._bwd_reduce_kernel, dict(gout_ptr=P, x_ptr=P, mean_ptr=P, out_ptr=P,
-                                              ind_ptr="*u8", sums_ptr="*fp64", C=I, W=I, HW=I,
-                                              Wo=I, HWo=I, total=I, per_prog=I),
+    "bwd_reduce": (m._bwd_reduce_kernel, dict(gout_ptr=P, x_ptr=P, from_out_ptr="*i8",
+                                              shift_ptr=P, out_ptr=P, ind_ptr="*u8",
+                                              sums_ptr="*fp64", C=I, W=I, HW=I, Wo=I, HWo=I,
+                                              total=I, per_prog=I),
                    [dict(RELU=True, POOL=2, BLOCK=1024), dict(RELU=False, POOL=0, BLOCK=1024)]),
     "bwd_dx": (m._bwd_dx_kernel, dict(gout_ptr=P, x_ptr=P, w_ptr=P, mean_ptr=P, invstd_ptr=P,
                                       out_ptr=P, ind_ptr="*u8", sums_ptr="*fp64", dx_ptr=P, C=I,
