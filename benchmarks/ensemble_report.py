@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Ensemble step benchmark — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE="
+        f"{os.environ.get('THP_MEM_ALLOC_ENABLE')} (2 MiB pages for torch's CPU tensors)",
         f"- fp32 matmul ceiling (2048², same run): **{peak:.0f} GFLOP/s**; convolution work "
         f"{flops / 1e6:.0f} MFLOP per member-step",
         f"- sanity: one step of the ensemble vs the eager loop from the same weights differs "
