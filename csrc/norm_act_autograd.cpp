@@ -48,6 +48,9 @@ class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
     ctx->saved_data["has_weight"] = weight.has_value();
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->mark_non_differentiable({save_mean, save_invstd, index});
+    // Undefined grads stay undefined: by default autograd would zero-fill one for each of
+    // the three outputs above (the index alone is E/4 bytes) on every backward.
+    ctx->set_materialize_grads(false);
     return {out, save_mean, save_invstd, index};
   }
 
