@@ -10,6 +10,10 @@ same run (``sgd_wd_cases.Triad``/``interleaved``, medians of the repeats):
   CPU, Triton on CUDA);
 * ``torch``: ``F.batch_norm`` → ``relu_`` → ``F.max_pool2d`` forward + backward.
 
+The ``gn_`` cases time the GroupNorm mode instead (``scaleinv_kernels.ops.gn_act_pool``
+against ``F.group_norm`` → ``relu`` → ``F.max_pool2d``), with 4 groups of 4 channels per
+member, counted with the same bytes per element.
+
 Counted minimal traffic per input element E (fp32), with pooling: forward reads x twice
 (statistics, then normalize) and writes out (E/4 floats) and the index (E/4 bytes):
 9.25 B; backward reads grad_out, out (E/4 floats each), the index (E/4 bytes) and x, and
@@ -41,6 +45,7 @@ from sgd_wd_cases import Triad, interleaved  # (benchmarks/ is on sys.path)
 
 from scaleinv_kernels._extension import extension_loaded
 from scaleinv_kernels.cpu_memory import retain_freed_memory
+from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
 from scaleinv_kernels.ops.norm_act import bn_act_pool
 
 CASES = {
@@ -52,26 +57,34 @@ CASES = {
     "m4c16": ("chunk of 4 x 16 ch, 28x28", (64, 4 * 16, 28, 28), 2),
     "m4c32": ("chunk of 4 x 32 ch, 14x14", (64, 4 * 32, 14, 14), 2),
     "m4c32np": ("chunk of 4 x 32 ch, 7x7, no pool", (64, 4 * 32, 7, 7), 0),
+    # GroupNorm mode (scaleinv::gn_act_pool): 4 groups of 4 channels per member
+    "gn_m64c16": ("GroupNorm(4), M=64 x 16 ch, 28x28", (64, 64 * 16, 28, 28), 2),
+    "gn_m4c16": ("GroupNorm(4), chunk of 4 x 16 ch, 28x28", (64, 4 * 16, 28, 28), 2),
 }
+GROUPS_PER_MEMBER, CHANNELS_PER_MEMBER = 4, 16
 BYTES_PER_ELEMENT = 9.25 + 10.25
 MOMENTUM, EPS = 0.1, 1e-5
 
 
 class Step:
-    """One forward + backward of a variant on fixed x and grad_out."""
+    """One forward + backward of a variant on fixed x and grad_out (GroupNorm with
+    ``groups`` groups when given, else BatchNorm in training mode)."""
 
     def __init__(self, fused: bool, shape: tuple[int, ...], device: torch.device,
-                 pool: int = 2) -> None:
+                 pool: int = 2, groups: int | None = None) -> None:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(shape, generator=gen).to(device).requires_grad_()
         c = shape[1]
         self.rm = torch.zeros(c, device=device)
         self.rv = torch.ones(c, device=device)
         self.go = torch.randn(out_shape(shape, pool), generator=gen).to(device)
-        self.fused, self.pool = fused, pool
+        self.fused, self.pool, self.groups = fused, pool, groups
 
     def __call__(self) -> None:
-        if self.fused:
+        if self.groups is not None:
+            fn = gn_act_pool if self.fused else gn_act_pool_reference
+            y = fn(self.x, None, None, self.groups, eps=EPS, relu=True, pool=self.pool)
+        elif self.fused:
             y = bn_act_pool(self.x, None, None, self.rm, self.rv, training=True,
                             momentum=MOMENTUM, eps=EPS, relu=True, pool=self.pool)
         else:
@@ -105,12 +118,16 @@ def bytes_per_element(pool: int) -> float:
     return BYTES_PER_ELEMENT if pool else 12.0 + 16.0
 
 
-def check(shape: tuple[int, ...], device: torch.device, pool: int = 2) -> float:
+def check(shape: tuple[int, ...], device: torch.device, pool: int = 2,
+          groups: int | None = None) -> float:
     """Max |fused − torch| / max |torch| of the input gradient on the case's shape."""
     grads = []
     for fused in (True, False):
-        s = Step(fused, shape, device, pool)
-        if fused:
+        s = Step(fused, shape, device, pool, groups)
+        if groups is not None:
+            fn = gn_act_pool if fused else gn_act_pool_reference
+            y = fn(s.x, None, None, groups, eps=EPS, relu=True, pool=pool)
+        elif fused:
             y = bn_act_pool(s.x, None, None, s.rm, s.rv, training=True, momentum=MOMENTUM,
                             eps=EPS, pool=pool)
         else:
@@ -142,10 +159,12 @@ def main() -> None:
     rows = []
     for key in args.cases:
         title, shape, pool = CASES[key]
-        err = check(shape, device, pool)
+        groups = (shape[1] // CHANNELS_PER_MEMBER * GROUPS_PER_MEMBER
+                  if key.startswith("gn_") else None)
+        err = check(shape, device, pool, groups)
         triad = Triad(max(1, round(torch.Size(shape).numel() * 4 / 2**20)), device)
-        entries = {"fused": Step(True, shape, device, pool),
-                   "torch": Step(False, shape, device, pool),
+        entries = {"fused": Step(True, shape, device, pool, groups),
+                   "torch": Step(False, shape, device, pool, groups),
                    "fresh": FreshOutputs(shape, device, pool), "triad": triad}
         t = interleaved(entries, repeats=args.repeats, min_time=args.min_time, sync=sync)
         triad_gbps = triad.bytes / t["triad"].median / 1e9

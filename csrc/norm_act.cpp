@@ -1,5 +1,7 @@
 // Fused BatchNorm (train or eval) -> ReLU -> MaxPool2d(2) over NCHW, forward and
-// backward, on CPU. See scaleinv_kernels/ops/norm_act.py for the contract.
+// backward, on CPU (scaleinv::bn_act_pool), and its GroupNorm mode (scaleinv::gn_act_pool,
+// at the end of the file: the same per-plane window kernels, driven per (sample, group)).
+// See scaleinv_kernels/ops/norm_act.py and gn_act.py for the contracts.
 //
 // Work layout: at::parallel_for over groups of consecutive channels. For each n a group's
 // planes are one contiguous run of >= 16 KiB (walking one channel at a time reads 784-byte
@@ -603,7 +605,17 @@ struct BwdArgs {
   int64_t per;   // planes per chunk
   bool stream = false;     // dx via a staging run and non-temporal stores (see below)
   int64_t dx_plane0 = 0;   // plane p's dx is at dx + (p - dx_plane0) * HW
+  int64_t gn_groups = 0;   // GroupNorm mode: G; mean/invstd are [N, G] (0: BatchNorm, [C])
 };
+
+// Index of plane's statistics in mean/invstd: its channel (BatchNorm) or its (sample,
+// group) (GroupNorm).
+template <typename T>
+NA_INLINE int64_t stat_index(const BwdArgs<T>& a, int64_t plane) {
+  const int64_t c = plane % a.g.C;
+  if (a.gn_groups == 0) return c;
+  return (plane / a.g.C) * a.gn_groups + c / (a.g.C / a.gn_groups);
+}
 
 // sum(g) and sum(g * (v - shift)) of channel c (post[c] turns the second into sum(g *
 // xhat)), g = grad_out routed to the argmax (masked by out > 0 with relu); only the pooled
@@ -612,8 +624,9 @@ template <typename T>
 NA_INLINE void plane_sums(const BwdArgs<T>& a, int64_t plane, double* out) {
   const Geo& g = a.g;
   const int64_t c = plane % g.C;
-  const bool from_out = a.from_out[c];
-  const T shift = a.shift[c];
+  // GroupNorm (from_out == nullptr): x at the argmax, shifted by the plane's group mean
+  const bool from_out = a.from_out && a.from_out[c];
+  const T shift = a.from_out ? a.shift[c] : a.mean[stat_index(a, plane)];
   double s1 = 0, s2 = 0;
   {
     const T* __restrict__ x = a.x + plane * g.HW;
@@ -685,7 +698,7 @@ NA_INLINE void plane_dx(const BwdArgs<T>& a, int64_t n, int64_t c, T scale, T k0
   const int64_t plane = n * g.C + c;
   const T* __restrict__ x = a.x + plane * g.HW;
   T* __restrict__ dx = a.dx + (plane - a.dx_plane0) * g.HW;
-  const T mean = a.mean[c];
+  const T mean = a.mean[stat_index(a, plane)];
 #ifdef NA_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (g.pool == 2 && use_avx512_kernels()) {
@@ -786,6 +799,82 @@ NA_INLINE void backward_groups(const BwdArgs<T>& a, int64_t g0, int64_t g1) {
 #endif
 }
 
+// ---- GroupNorm mode (scaleinv::gn_act_pool) ----------------------------------------
+// Statistics per (sample n, group of C/G channels): a group's planes are one contiguous
+// run of x, so a task takes whole (n, group) blocks: the block's statistics (x from
+// memory), then normalize/ReLU/pool of its planes (x from L1/L2) with the same plane
+// kernels as BatchNorm; the backward likewise: per-plane sums, the group's weighted
+// totals, then dx. The per-plane sums are kept ([N, C, 2]) for grad_weight/grad_bias,
+// which sum them over n afterwards in a fixed order.
+
+template <typename T>
+struct GnFwdArgs {
+  const T* x;
+  const T* w;  // nullable
+  const T* b;  // nullable
+  T* out;
+  uint8_t* ind;
+  T* save_mean;    // [N, G]
+  T* save_invstd;  // [N, G]
+  double eps;
+  Geo g;
+  int64_t G;
+};
+
+template <typename T>
+NA_INLINE void gn_forward_blocks(const GnFwdArgs<T>& a, int64_t b0, int64_t b1) {
+  const Geo& g = a.g;
+  const int64_t Cg = g.C / a.G;
+  const double cnt = static_cast<double>(Cg * g.HW);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t n = blk / a.G, c0 = (blk % a.G) * Cg;
+    const T* xb = a.x + (n * g.C + c0) * g.HW;
+    const double shift = static_cast<double>(xb[0]);  // no cancellation in the variance
+    double s[2] = {0.0, 0.0};
+    plane_stats(xb, Cg * g.HW, shift, s);
+    const double mu = s[0] / cnt;
+    const double var = std::max(s[1] / cnt - mu * mu, 0.0);
+    const T mean = static_cast<T>(shift + mu);
+    const T invstd = static_cast<T>(1.0 / std::sqrt(var + a.eps));
+    a.save_mean[blk] = mean;
+    a.save_invstd[blk] = invstd;
+    for (int64_t c = c0; c < c0 + Cg; ++c) {
+      const T alpha = invstd * (a.w ? a.w[c] : T(1));
+      const T beta = (a.b ? a.b[c] : T(0)) - mean * alpha;
+      plane_forward(a.x, a.out, a.ind, g, n, c, alpha, beta);
+    }
+  }
+}
+
+// a: BwdArgs in GroupNorm mode (gn_groups = G, training, from_out = nullptr); psums
+// [N, C, 2] receives each plane's sum(g), sum(g * (x - mean)).
+template <typename T>
+NA_INLINE void gn_backward_blocks(const BwdArgs<T>& a, int64_t b0, int64_t b1) {
+  const Geo& g = a.g;
+  const int64_t G = a.gn_groups, Cg = g.C / G;
+  const double cnt = static_cast<double>(Cg * g.HW);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t n = blk / G, c0 = (blk % G) * Cg;
+    const double invstd = static_cast<double>(a.invstd[blk]);
+    double A = 0.0, B = 0.0;  // sum over the group of w * g and w * g * (x - mean)
+    for (int64_t c = c0; c < c0 + Cg; ++c) {
+      double* ps = a.part + 2 * (n * g.C + c);
+      ps[0] = ps[1] = 0.0;
+      plane_sums(a, n * g.C + c, ps);
+      const double wc = a.w ? static_cast<double>(a.w[c]) : 1.0;
+      A += wc * ps[0];
+      B += wc * ps[1];
+    }
+    // dx = invstd * (w g - A/cnt - xhat * B * invstd / cnt), xhat = (x - mean) * invstd
+    const T k0 = static_cast<T>(-invstd * A / cnt);
+    const T k2 = static_cast<T>(-invstd * invstd * invstd * B / cnt);
+    for (int64_t c = c0; c < c0 + Cg; ++c) {
+      const double wc = a.w ? static_cast<double>(a.w[c]) : 1.0;
+      plane_dx(a, n, c, static_cast<T>(invstd * wc), k0, k2);
+    }
+  }
+}
+
 // ---- instruction-set builds ------------------------------------------------------
 // Whole functions with a target attribute (the always_inline bodies above are compiled
 // into each); the one matching ATen's CPU capability runs.
@@ -805,6 +894,8 @@ NA_INLINE void backward_groups(const BwdArgs<T>& a, int64_t g0, int64_t g1) {
 NA_CLONES(fwd_groups, FwdArgs, forward_groups)
 NA_CLONES(fwd_planes, FwdArgs, forward_planes)
 NA_CLONES(bwd_groups, BwdArgs, backward_groups)
+NA_CLONES(gn_fwd_blocks, GnFwdArgs, gn_forward_blocks)
+NA_CLONES(gn_bwd_blocks, BwdArgs, gn_backward_blocks)
 
 
 // The intrinsics kernels run where ATen runs its AVX-512 kernels (SCALEINV_NO_AVX512=1
@@ -1094,11 +1185,142 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   return {dx, gw, gb};
 }
 
+void check_groups(const char* op, const Geo& g, int64_t groups) {
+  TORCH_CHECK_VALUE(groups >= 1 && g.C % groups == 0, op, "groups must be >= 1 and divide the ",
+                    g.C, " channels, got ", groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_act_pool_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t groups, double eps, bool relu, int64_t pool) {
+  const char* op = "scaleinv::gn_act_pool: ";
+  const Geo g = check_x(op, x_in, pool, relu);
+  check_groups(op, g, groups);
+  TORCH_CHECK_VALUE(eps >= 0, op, "eps must be >= 0, got ", eps);
+  std::optional<at::Tensor> w, b;
+  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
+  if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
+  const at::Tensor x = x_in.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  if (pool == 2) {
+    out_shape[2] = g.Ho;
+    out_shape[3] = g.Wo;
+  }
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor index = pool == 2 ? at::empty(out_shape, x.options().dtype(at::kByte))
+                               : at::empty({0}, x.options().dtype(at::kByte));
+  at::Tensor save_mean = at::empty({g.N, groups}, x.options());
+  at::Tensor save_invstd = at::empty({g.N, groups}, x.options());
+  if (x.numel() == 0) return {out, save_mean, save_invstd, index};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::gn_act_pool", [&] {
+    const GnFwdArgs<scalar_t> a{x.const_data_ptr<scalar_t>(),
+                                ptr_or_null<scalar_t>(w),
+                                ptr_or_null<scalar_t>(b),
+                                out.data_ptr<scalar_t>(),
+                                pool == 2 ? index.data_ptr<uint8_t>() : nullptr,
+                                save_mean.data_ptr<scalar_t>(),
+                                save_invstd.data_ptr<scalar_t>(),
+                                eps,
+                                g,
+                                groups};
+    const int64_t blocks = g.N * groups;
+    auto fn = pick_build<GnFwdArgs<scalar_t>>(&gn_fwd_blocks_default<scalar_t>,
+                                              &gn_fwd_blocks_avx2<scalar_t>,
+                                              &gn_fwd_blocks_avx512<scalar_t>);
+    at::parallel_for(0, blocks, grain(g.C / groups * g.HW, blocks),
+                     [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+  });
+  return {out, save_mean, save_invstd, index};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
+gn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                         const at::Tensor& save_invstd, const at::Tensor& out_in,
+                         const at::Tensor& index_in, int64_t groups, bool relu, int64_t pool,
+                         std::array<bool, 3> output_mask) {
+  const char* op = "scaleinv::gn_act_pool_backward: ";
+  const Geo g = check_x(op, x_in, pool, relu);
+  check_groups(op, g, groups);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  if (pool == 2) {
+    out_shape[2] = g.Ho;
+    out_shape[3] = g.Wo;
+  }
+  TORCH_CHECK_VALUE(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
+                        out_in.sizes() == at::IntArrayRef(out_shape),
+                    op, "grad_out and out must have the output's shape ", at::IntArrayRef(out_shape),
+                    ", got ", shape_str(grad_out_in), " and ", shape_str(out_in));
+  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type() &&
+                       out_in.scalar_type() == x_in.scalar_type() &&
+                       save_mean.scalar_type() == x_in.scalar_type() &&
+                       save_invstd.scalar_type() == x_in.scalar_type(),
+                   op, "grad_out, out and the statistics must have x's dtype ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(save_mean.sizes() == at::IntArrayRef({g.N, groups}) &&
+                        save_invstd.sizes() == at::IntArrayRef({g.N, groups}),
+                    op, "save_mean and save_invstd must have shape [N, groups] = [", g.N, ", ",
+                    groups, "], got ", shape_str(save_mean), " and ", shape_str(save_invstd));
+  if (pool == 2) {
+    TORCH_CHECK_VALUE(index_in.sizes() == at::IntArrayRef(out_shape) &&
+                          index_in.scalar_type() == at::kByte,
+                      op, "index must be uint8 of the output's shape ", at::IntArrayRef(out_shape),
+                      ", got ", index_in.scalar_type(), " ", shape_str(index_in));
+  }
+  std::optional<at::Tensor> w;
+  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
+  const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
+                   out = out_in.contiguous(), mean = save_mean.contiguous(),
+                   invstd = save_invstd.contiguous();
+  const at::Tensor index = pool == 2 ? index_in.contiguous() : index_in;
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  // per plane: sum(g), sum(g * (x - mean)); grad_weight/grad_bias sum them over n
+  at::Tensor psums = at::zeros({g.N, g.C, 2}, x.options().dtype(at::kDouble));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::gn_act_pool_backward", [&] {
+      BwdArgs<scalar_t> a{gout.const_data_ptr<scalar_t>(),
+                          x.const_data_ptr<scalar_t>(),
+                          ptr_or_null<scalar_t>(w),
+                          mean.const_data_ptr<scalar_t>(),
+                          invstd.const_data_ptr<scalar_t>(),
+                          out.const_data_ptr<scalar_t>(),
+                          pool == 2 ? index.const_data_ptr<uint8_t>() : nullptr,
+                          dx.data_ptr<scalar_t>(),
+                          nullptr,
+                          /*training=*/true,
+                          /*need_sums=*/true,
+                          /*from_out=*/nullptr,
+                          nullptr,
+                          nullptr,
+                          g,
+                          psums.data_ptr<double>(),
+                          0};
+      a.gn_groups = groups;
+      const int64_t blocks = g.N * groups;
+      auto fn = pick_build<BwdArgs<scalar_t>>(&gn_bwd_blocks_default<scalar_t>,
+                                              &gn_bwd_blocks_avx2<scalar_t>,
+                                              &gn_bwd_blocks_avx512<scalar_t>);
+      at::parallel_for(0, blocks, grain(g.C / groups * g.HW, blocks),
+                       [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    });
+  }
+  std::optional<at::Tensor> gw, gb;
+  if (output_mask[1] || output_mask[2]) {
+    // ATen's sum over n of the per-plane sums (the same result for the same inputs and
+    // thread count); x̂ = (x - mean) * invstd of the plane's group
+    const at::Tensor inv = invstd.to(at::kDouble).repeat_interleave(g.C / groups, 1);  // [N, C]
+    if (output_mask[1]) gw = psums.select(2, 1).mul(inv).sum(0).to(x.scalar_type());
+    if (output_mask[2]) gb = psums.select(2, 0).sum(0).to(x.scalar_type());
+  }
+  return {dx, gw, gb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(scaleinv, CPU, m) {
   m.impl("bn_act_pool", &bn_act_pool_cpu);
   m.impl("bn_act_pool_backward", &bn_act_pool_backward_cpu);
+  m.impl("gn_act_pool", &gn_act_pool_cpu);
+  m.impl("gn_act_pool_backward", &gn_act_pool_backward_cpu);
 }
 
 }  // namespace scaleinv

@@ -88,10 +88,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_autograd(
   return {out[0], out[1], out[2], out[3]};
 }
 
+// scaleinv::gn_act_pool: the same pattern (GroupNorm has no eval mode and no running
+// statistics; save_mean/save_invstd are [N, groups]).
+using GnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    int64_t, double, bool, int64_t);
+using GnBwdSig = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t,
+    std::array<bool, 3>);
+
+class GnActPoolFunction : public torch::autograd::Function<GnActPoolFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, int64_t groups, double eps,
+                               bool relu, int64_t pool) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("scaleinv::gn_act_pool", "")
+                               .typed<GnFwdSig>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, save_mean, save_invstd, index] = op.call(x, weight, bias, groups, eps, relu, pool);
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd, out,
+                            index});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["pool"] = pool;
+    ctx->saved_data["has_weight"] = weight.has_value();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->mark_non_differentiable({save_mean, save_invstd, index});
+    ctx->set_materialize_grads(false);  // see BnActPoolFunction
+    return {out, save_mean, save_invstd, index};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("scaleinv::gn_act_pool_backward", "")
+                               .typed<GnBwdSig>();
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::optional<at::Tensor> weight =
+        has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+    const std::array<bool, 3> mask{true, has_weight && ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(2)};
+    const at::Tensor grad_out =
+        grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[4]);
+    auto [gx, gw, gb] =
+        op.call(grad_out, saved[0], weight, saved[2], saved[3], saved[4], saved[5],
+                ctx->saved_data["groups"].toInt(), ctx->saved_data["relu"].toBool(),
+                ctx->saved_data["pool"].toInt(), mask);
+    return {gx,           gw.value_or(at::Tensor()), gb.value_or(at::Tensor()), at::Tensor(),
+            at::Tensor(), at::Tensor(),              at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_act_pool_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t groups, double eps, bool relu, int64_t pool) {
+  const variable_list out = GnActPoolFunction::apply(x, weight, bias, groups, eps, relu, pool);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(scaleinv, Autograd, m) {
   m.impl("bn_act_pool", &bn_act_pool_autograd);
+  m.impl("gn_act_pool", &gn_act_pool_autograd);
 }
 
 }  // namespace scaleinv

@@ -30,6 +30,17 @@ TORCH_LIBRARY(scaleinv, m) {
       "Tensor save_invstd, Tensor out, Tensor index, bool training, bool relu, int pool, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor? grad_weight, Tensor? grad_bias)");
 
+  // Fused GroupNorm (statistics per sample and group of C/groups channels, always from
+  // the batch; save_mean/save_invstd are [N, groups]) -> ReLU -> 2x2 max pool, with the
+  // window kernels of bn_act_pool. See scaleinv_kernels/ops/gn_act.py.
+  m.def(
+      "gn_act_pool(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool relu, "
+      "int pool) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor index)");
+  m.def(
+      "gn_act_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, Tensor out, Tensor index, int groups, bool relu, int pool, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor? grad_weight, Tensor? grad_bias)");
+
   // Direct grouped 2-D convolution, stride 1, dilation 1, zero padding <= kernel - 1,
   // for few input channels per group (an ensemble's first convolution); same result as
   // F.conv2d(x, weight, bias, 1, padding, 1, groups).

@@ -68,7 +68,7 @@ def convert(members: Sequence[nn.Module], ctx: MemberContext, *,
 
     ``members`` are modules of identical architecture (checked by the caller). Returns a
     deep copy of ``members[0]`` whose supported leaves are replaced by member layers;
-    with ``fuse``, BatchNorm2d → ReLU (→ MaxPool2d(2)) runs inside ``nn.Sequential``
+    with ``fuse``, BatchNorm2d or GroupNorm → ReLU (→ MaxPool2d(2)) runs inside ``nn.Sequential``
     containers become one fused op (:func:`fuse_norm_act`).
     """
     out = copy.deepcopy(members[0])
@@ -103,7 +103,8 @@ def _is_pool2(module: nn.Module) -> bool:
 
 def fuse_norm_act(model: nn.Module) -> int:
     """Inside every ``nn.Sequential`` of ``model``, turn MemberBatchNorm(2d) → ReLU
-    (→ MaxPool2d(kernel 2, stride 2)) into the norm running ``scaleinv::bn_act_pool``; the
+    (→ MaxPool2d(kernel 2, stride 2)) into the norm running ``scaleinv::bn_act_pool``, and
+    MemberGroupNorm → ReLU (→ MaxPool2d(2)) into ``scaleinv::gn_act_pool``; the
     ReLU and pool entries become ``nn.Identity`` (no state, so ``state_dict`` keys do not
     change). Other code paths (a ``forward`` calling its modules itself) are left unfused:
     without tracing, the order of calls is unknown. Returns the number of fusions."""
@@ -113,7 +114,7 @@ def fuse_norm_act(model: nn.Module) -> int:
         i = 0
         while i < len(names) - 1:
             norm, act = seq._modules[names[i]], seq._modules[names[i + 1]]
-            if (isinstance(norm, MemberBatchNorm) and norm.can_fuse()
+            if (isinstance(norm, (MemberBatchNorm, MemberGroupNorm)) and norm.can_fuse()
                     and type(act) is nn.ReLU):
                 norm.fused_relu = True
                 seq._modules[names[i + 1]] = nn.Identity()

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from scaleinv_kernels._extension import extension_loaded
 from scaleinv_kernels.ops.direct_conv import SUPPORTED_DTYPES as DIRECT_DTYPES
 from scaleinv_kernels.ops.direct_conv import direct_conv2d
+from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
 from scaleinv_kernels.ops.norm_act import SUPPORTED_DTYPES as FUSED_NORM_DTYPES
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
 from scaleinv_kernels.optim.members import mark_members
@@ -377,7 +378,10 @@ class MemberBatchNorm(MemberLayer):
 
 class MemberGroupNorm(MemberLayer):
     """M copies of ``nn.GroupNorm``: statistics are per sample already, so one
-    ``F.group_norm`` over all members, then the per-member affine transform."""
+    ``F.group_norm`` over all members, then the per-member affine transform. Fused with a
+    following ReLU (and MaxPool2d(2)): ``scaleinv::gn_act_pool`` on the ``[B, m·C, ...]``
+    view with ``m·G`` groups (member i's groups are i·G .. i·G+G−1) and the ``[m·C]``
+    affine parameters."""
 
     def __init__(self, norms: Sequence[nn.GroupNorm], ctx: MemberContext) -> None:
         super().__init__(ctx)
@@ -386,10 +390,36 @@ class MemberGroupNorm(MemberLayer):
         n = len(norms)
         self.weight = _stacked_param([g.weight for g in norms], n)
         self.bias = _stacked_param([g.bias for g in norms], n)
+        self.fused_relu = False  # set by the conversion, as for MemberBatchNorm
+        self.fused_pool = 0
+
+    def extra_repr(self) -> str:
+        fused = ""
+        if self.fused_relu:
+            fused = ", fused: +ReLU" + (" +MaxPool2d(2)" if self.fused_pool else "")
+        return (f"GroupNorm, members={self.ctx.n_members}, {self.num_groups}, "
+                f"{self.num_channels}, eps={self.eps}{fused}")
+
+    def can_fuse(self) -> bool:
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
         x = c.folded(x, "GroupNorm")
+        if self.fused_relu:
+            if x.dim() not in (2, 3, 4) or x.shape[1] != self.num_channels:
+                raise ValueError(f"GroupNorm: expected [N, {self.num_channels}, ...] input, "
+                                 f"got per-member shape {[c.batch, *x.shape[1:]]}")
+            m = c.m
+            xc = x.view(c.batch, m * self.num_channels, *x.shape[2:])
+            w, b = self._p(self.weight), self._p(self.bias)
+            w = None if w is None else w.reshape(-1)
+            b = None if b is None else b.reshape(-1)
+            # float32/float64 fused; other dtypes run the same layers unfused
+            fn = gn_act_pool if xc.dtype in FUSED_NORM_DTYPES else gn_act_pool_reference
+            y = fn(xc, w, b, m * self.num_groups, eps=self.eps, relu=True,
+                   pool=self.fused_pool)
+            return _refold(y, c.batch * m, self.num_channels, *y.shape[2:])
         y = F.group_norm(x, self.num_groups, eps=self.eps)
         return _affine(y, self._p(self.weight), self._p(self.bias), c.m, (self.num_channels,))
 

@@ -46,12 +46,11 @@ Contract (same for every backend)::
   far from 0 in standard deviations, a large bias, w = 0). The torch backend
   (:func:`bn_act_pool_backward_torch`, the reference) always reads x.
 
-Not covered, by decision: GroupNorm. Its statistics reduce over (C/G, H, W) of one sample,
-the kernel's work layout reduces over (N, H, W) of one channel (groups of channels, each
-read as N strided runs); a GroupNorm mode would be a second kernel, not a mode of this one.
-An ensemble's GroupNorm runs torch's group norm on the folded batch (per-sample statistics
-are already per member). Other dtypes than float32/float64 are refused here; the ensemble
-runs torch's unfused layers for them.
+GroupNorm is the second mode, a separate op (``scaleinv::gn_act_pool``,
+:mod:`scaleinv_kernels.ops.gn_act`): its statistics reduce over (C/G, H, W) of one
+sample, so its driver walks (sample, group) blocks instead of channel groups, with the
+same per-plane window kernels. Other dtypes than float32/float64 are refused here; the
+ensemble runs torch's unfused layers for them.
 
 Autograd is registered on ``bn_act_pool`` in C++ (``csrc/norm_act_autograd.cpp``, every
 device; ``save_mean``, ``save_invstd`` and ``index`` are not differentiable). Backends:

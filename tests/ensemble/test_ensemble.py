@@ -138,9 +138,18 @@ def test_direct_conv_impl_refuses_strided_conv():
         ens(torch.randn(2, *shape))
 
 
+def gn_cnn() -> nn.Module:
+    """GroupNorm → ReLU (→ MaxPool2d(2)) blocks: fused into scaleinv::gn_act_pool."""
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.GroupNorm(3, 6), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, bias=False), nn.GroupNorm(2, 4, affine=False),
+        nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("net", ["cnn", "cnn-odd", "bnmlp", "resnet", "affine-bn-relu-pool"])
+@pytest.mark.parametrize("net", ["cnn", "cnn-odd", "bnmlp", "resnet", "affine-bn-relu-pool",
+                                 "gn-relu-pool"])
 def test_whole_nets_match_member_loop(net, train, fuse):
     factory, shape = {
         "cnn": (normalized_cnn, (4, 1, 12, 12)),
@@ -153,6 +162,7 @@ def test_whole_nets_match_member_loop(net, train, fuse):
             nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4),
             nn.ReLU(inplace=True), nn.Flatten(),
             nn.Linear(4 * 4 * 4, 3)), (5, 2, 13, 12)),
+        "gn-relu-pool": (gn_cnn, (5, 2, 13, 12)),
     }[net]
     compare_with_loop(factory, 3, shape, train=train, fuse=fuse)
 
@@ -171,6 +181,10 @@ def test_fusion_applies_in_sequential_only():
     mom_none = Ensemble(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=None),
                                               nn.ReLU()), 2)
     assert not mom_none.net[1].fused_relu
+    gn = Ensemble(gn_cnn, 2).net
+    assert gn[1].fused_relu and gn[1].fused_pool == 2 and gn[5].fused_relu
+    assert gn[5].fused_pool == 0 and isinstance(gn[3], nn.Identity)
+    assert "fused: +ReLU +MaxPool2d(2)" in repr(gn[1])
 
 
 @pytest.mark.parametrize("net", ["cnn", "bnmlp", "linear", "groupnorm"])
@@ -393,6 +407,21 @@ def test_half_precision_ensemble_runs_fusable_layers_unfused(dtype):
     assert_bitwise(outs[0], outs[1], "output")
     for a, b in zip(*grads):
         assert_bitwise(a, b, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_groupnorm_ensemble(dtype):
+    """gn_act_pool covers float32/float64: in bf16/fp16 the fused GroupNorm layers run
+    torch's GroupNorm → ReLU → max-pool on the [B, m·C] view (affine inside group_norm,
+    so not bitwise the unfused per-member affine): equal within the dtype's rounding."""
+    outs = []
+    for fuse in (True, False):
+        ens = Ensemble(gn_cnn, 2, init="independent", seed=0, fuse=fuse).to(dtype)
+        x = torch.randn(2, 3, 2, 13, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
+        outs.append(ens(x))
+    assert outs[0].dtype == dtype
+    assert_rel(outs[0].float(), outs[1].float(), 0.0, "bf16/fp16 fused vs unfused",
+               atol=0.02 * float(outs[1].float().abs().max()))
 
 
 @pytest.mark.parametrize("retain", [True, False])

@@ -1,0 +1,191 @@
+"""``scaleinv::gn_act_pool`` — fused GroupNorm → ReLU → MaxPool2d(2), forward and backward.
+
+The GroupNorm mode of :mod:`scaleinv_kernels.ops.norm_act`: the same window kernels
+(normalize, ReLU, 2×2 max with a one-byte index; routed gradient sums; dx written once),
+driven per (sample, group) instead of per channel. In an ensemble ``[B, m·C, H, W]`` view,
+member i's G groups are groups ``i·G .. i·G+G−1`` of ``m·G``, so one call covers all
+members with their own affine parameters.
+
+Contract (same for every backend)::
+
+    gn_act_pool(x, weight, bias, groups, eps, relu, pool)
+        -> (out, save_mean, save_invstd, index)
+
+* ``x``: float32 (or float64) ``[N, C, H, W]``; with ``pool == 0`` also ``[N, C, L]`` or
+  ``[N, C]``. ``groups`` ≥ 1 divides C; ``weight``/``bias``: optional ``[C]``.
+* Statistics per sample and group (C/groups channels × H × W values; biased variance;
+  always from the batch: GroupNorm has no running statistics and no eval mode),
+  ``save_mean``/``save_invstd``: ``[N, groups]`` (``invstd = 1/sqrt(var + eps)``).
+* ``y = (x − mean)·invstd·w + b``; ``relu(y)`` if ``relu``; then, if ``pool == 2``, a
+  2×2/stride-2 max pool (floor mode) with ``index`` as in ``bn_act_pool``.
+
+::
+
+    gn_act_pool_backward(grad_out, x, weight, save_mean, save_invstd, out, index, groups,
+                         relu, pool, output_mask) -> (grad_x, grad_weight, grad_bias)
+
+* g = grad_out routed to the argmax (0 elsewhere), 0 where ``out <= 0`` with ``relu``;
+  x̂ = (x − mean)·invstd of the plane's group. Per (sample, group), with means over its
+  C/groups·H·W values: ``grad_x = invstd·(w·g − mean(w·g) − x̂·mean(w·g·x̂))``;
+  ``grad_weight = Σ g·x̂``, ``grad_bias = Σ g`` over (N, H, W) per channel (only where
+  ``output_mask[1]``/``[2]``, else None). ``grad_x`` is always computed.
+
+Backends: C++ on CPU (``csrc/norm_act.cpp``, autograd in ``csrc/norm_act_autograd.cpp``);
+on CUDA, by decision for now, the torch ops below (:func:`gn_act_pool_torch`): no Triton
+kernel has been written for this mode (the BatchNorm mode has one). The x̂-from-out
+identity of ``bn_act_pool``'s backward is not used here: a group's planes are still in
+L1/L2 when the dx pass reads x again. Float32/float64 only; the ensemble runs torch's
+unfused layers for other dtypes. :func:`gn_act_pool_reference` is the layer in plain
+torch (``F.group_norm`` → ``relu`` → ``F.max_pool2d``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scaleinv_kernels._extension import extension_loaded, log_once
+from scaleinv_kernels.ops.norm_act import (
+    SUPPORTED_DTYPES,
+    _bcast,
+    _check_vec,
+    _out_shape,
+    _routed_grad,
+)
+
+OP = "scaleinv::gn_act_pool"
+
+
+def validate(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+             pool: int, op: str = "scaleinv::gn_act_pool: ") -> None:
+    """Raise ValueError/TypeError naming the offending argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}x must be a Tensor, got {type(x).__name__}")
+    if pool not in (0, 2) or isinstance(pool, bool):
+        raise ValueError(f"{op}pool must be 0 (none) or 2 (2x2 max pool), got {pool!r}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}x must be float32 or float64, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise ValueError(f"{op}x must be a dense (strided) tensor, got layout {x.layout}")
+    if pool == 2 and x.dim() != 4:
+        raise ValueError(f"{op}pool=2 needs a 4-D x [N, C, H, W], got shape {list(x.shape)}")
+    if not 2 <= x.dim() <= 4:
+        raise ValueError(f"{op}x must be [N, C], [N, C, L] or [N, C, H, W], got shape "
+                         f"{list(x.shape)}")
+    if pool == 2 and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"{op}pool=2 needs H >= 2 and W >= 2, got shape {list(x.shape)}")
+    c = x.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c % groups:
+        raise ValueError(f"{op}groups must be an int >= 1 that divides the {c} channels, "
+                         f"got {groups!r}")
+    if eps < 0:
+        raise ValueError(f"{op}eps must be >= 0, got {eps}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_vec(op, name, t, x, c)
+
+
+def gn_act_pool_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                          eps: float = 1e-5, relu: bool = True, pool: int = 2) -> Tensor:
+    """The unfused layers the op replaces: ``F.group_norm`` → ReLU → ``max_pool2d(2)``."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    if relu:
+        y = F.relu(y)
+    return F.max_pool2d(y, 2) if pool == 2 else y
+
+
+def _group_view(t: Tensor, groups: int) -> Tensor:
+    return t.reshape(t.shape[0], groups, -1)
+
+
+def gn_act_pool_torch(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                      eps: float, relu: bool, pool: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward op's contract with torch ops (statistics in float64)."""
+    validate(x, weight, bias, groups, eps, pool)
+    n, c = x.shape[0], x.shape[1]
+    var, m = torch.var_mean(_group_view(x.double(), groups), dim=2, correction=0)
+    mean, invstd = m.to(x.dtype), (var + eps).rsqrt().to(x.dtype)  # [N, G]
+    per = c // groups
+    mc = mean.repeat_interleave(per, 1).reshape(n, c, *[1] * (x.dim() - 2))
+    ic = invstd.repeat_interleave(per, 1).reshape(n, c, *[1] * (x.dim() - 2))
+    alpha = ic * _bcast(weight, x) if weight is not None else ic
+    beta = -mc * alpha if bias is None else _bcast(bias, x) - mc * alpha
+    y = x * alpha + beta
+    if relu:
+        y = torch.relu(y)
+    if pool == 2:
+        w = y.shape[3]
+        out, flat = F.max_pool2d(y, 2, return_indices=True)
+        index = ((flat // w) % 2 * 2 + flat % w % 2).to(torch.uint8)
+    else:
+        out, index = y, x.new_empty(0, dtype=torch.uint8)
+    return out, mean, invstd, index
+
+
+def gn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | None,
+                               save_mean: Tensor, save_invstd: Tensor, out: Tensor,
+                               index: Tensor, groups: int, relu: bool, pool: int,
+                               output_mask: list[bool]
+                               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The backward op's contract with torch ops (sums in float64)."""
+    validate(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
+    n, c = x.shape[0], x.shape[1]
+    per = c // groups
+    shape = (n, c, *[1] * (x.dim() - 2))
+    mc = save_mean.double().repeat_interleave(per, 1).reshape(shape)
+    ic = save_invstd.double().repeat_interleave(per, 1).reshape(shape)
+    g = _routed_grad(grad_out, x, out, index, relu, pool).double()
+    xhat = (x.double() - mc) * ic
+    wg = g * _bcast(weight.double(), x) if weight is not None else g
+    cnt = per * (x[0, 0].numel())
+    a = _group_view(wg, groups).sum(2).repeat_interleave(per, 1).reshape(shape) / cnt
+    b = _group_view(wg * xhat, groups).sum(2).repeat_interleave(per, 1).reshape(shape) / cnt
+    dx = ic * (wg - a - xhat * b)
+    dims = [0, *range(2, x.dim())]
+    return (dx.to(x.dtype),
+            (g * xhat).sum(dims).to(x.dtype) if output_mask[1] else None,
+            g.sum(dims).to(x.dtype) if output_mask[2] else None)
+
+
+def _fake_forward(x, weight, bias, groups, eps, relu, pool):
+    validate(x, weight, bias, groups, eps, pool)
+    out = x.new_empty(_out_shape(x.shape, pool))
+    index = x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+    n = x.shape[0]
+    return out, x.new_empty(n, groups), x.new_empty(n, groups), index
+
+
+def _fake_backward(grad_out, x, weight, save_mean, save_invstd, out, index, groups, relu,
+                   pool, output_mask):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(c) if output_mask[1] else None,
+            x.new_empty(c) if output_mask[2] else None)
+
+
+def _register() -> None:
+    torch.library.register_fake(OP)(_fake_forward)
+    torch.library.register_fake(OP + "_backward")(_fake_backward)
+    # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device
+    torch.library.register_kernel(OP, "cuda")(gn_act_pool_torch)
+    torch.library.register_kernel(OP + "_backward", "cuda")(gn_act_pool_backward_torch)
+
+
+if extension_loaded():
+    _register()
+
+
+def gn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, *,
+                eps: float = 1e-5, relu: bool = True, pool: int = 2) -> Tensor:
+    """GroupNorm → ReLU (if ``relu``) → 2×2 max pool (if ``pool == 2``), fused.
+
+    Same semantics as :func:`gn_act_pool_reference`; differentiable in x, weight and
+    bias. Without the compiled extension it runs that reference (logged once).
+    """
+    validate(x, weight, bias, groups, eps, pool, op="gn_act_pool: ")
+    if not extension_loaded():
+        log_once("compiled extension not loaded; gn_act_pool runs the torch reference")
+        return gn_act_pool_reference(x, weight, bias, groups, eps=eps, relu=relu, pool=pool)
+    return torch.ops.scaleinv.gn_act_pool(x, weight, bias, int(groups), float(eps), bool(relu),
+                                          int(pool))[0]
