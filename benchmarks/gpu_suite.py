@@ -203,6 +203,33 @@ def check_norm_act(device: str, shape: tuple[int, ...] = (8, 6, 7, 5), seed: int
     return diff
 
 
+def check_gn_act(device: str, shape: tuple[int, ...] = (8, 6, 7, 5), groups: int = 3,
+                 seed: int = 0) -> dict:
+    """Fused ``gn_act_pool`` (affine, ReLU, 2×2 pool; Triton on CUDA) against
+    ``F.group_norm`` → relu → max_pool2d in float64 on ``device``: max relative
+    differences of out, dx, dweight and dbias."""
+    import torch
+
+    from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
+
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x0 = torch.randn(shape, generator=g).to(device)
+    w0 = (torch.rand(c, generator=g) + 0.5).to(device)
+    b0 = torch.randn(c, generator=g).to(device)
+    gy = torch.randn(shape[0], c, shape[2] // 2, shape[3] // 2, generator=g).to(device)
+    results = {}
+    for name, fn, dtype in (("fused", gn_act_pool, torch.float32),
+                            ("reference", gn_act_pool_reference, torch.float64)):
+        x, w, b = (t.to(dtype).clone().requires_grad_() for t in (x0, w0, b0))
+        out = fn(x, w, b, groups)
+        out.backward(gy.to(dtype))
+        results[name] = dict(out=out, dx=x.grad, dw=w.grad, db=b.grad)
+    return {k: float((results["fused"][k].double() - ref).detach().abs().max())
+            / (float(ref.detach().abs().max()) or 1.0)
+            for k, ref in results["reference"].items()}
+
+
 def check_direct_conv(device: str, seed: int = 0) -> dict:
     """``direct_conv2d`` (on CUDA: its registered reference kernel) against ``F.conv2d`` on
     ``device``, 3 members x 1 -> 4 channels, 3x3, padding 1: max relative differences of the
@@ -262,6 +289,25 @@ def time_norm_act(shape: tuple[int, ...] = (64, 64 * 16, 28, 28), steps: int = 5
 
         def step():
             fn(x, None, None, rm, rv, training=True).backward(gy)
+
+        out[name] = cuda_median_ms(step, steps)
+    return out
+
+
+def time_gn_act(shape: tuple[int, ...] = (64, 64 * 16, 28, 28), groups: int = 64 * 4,
+                steps: int = 5) -> dict:
+    """ms per forward+backward (CUDA events, median) of fused ``gn_act_pool`` and of torch's
+    group_norm → relu → max_pool2d on a 64-member activation (4 groups per member)."""
+    import torch
+
+    from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
+
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    gy = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, device="cuda")
+    out = {}
+    for name, fn in (("fused", gn_act_pool), ("torch", gn_act_pool_reference)):
+        def step(fn=fn):
+            fn(x, None, None, groups).backward(gy)
 
         out[name] = cuda_median_ms(step, steps)
     return out
@@ -352,13 +398,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      budget spent: {key} skipped", flush=True)
             break
         out["cases"].append(bench_case(key, args.rounds, deadline))
-    print("[4/4] fused bn_act_pool and direct_conv2d vs references on CUDA; ensemble step, "
+    print("[4/4] fused bn_act_pool, gn_act_pool and direct_conv2d vs references on CUDA; "
+          "ensemble step, "
           f"M={args.members}", flush=True)
     try:
         out["norm_act"] = {"max_rel_diff": check_norm_act("cuda"), "ms": time_norm_act()}
     except Exception as err:  # report and go on
         out["norm_act"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     print(f"      {out['norm_act']}", flush=True)
+    try:
+        out["gn_act"] = {"max_rel_diff": check_gn_act("cuda"), "ms": time_gn_act()}
+    except Exception as err:  # report and go on
+        out["gn_act"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    print(f"      gn_act_pool: {out['gn_act']}", flush=True)
     try:
         out["direct_conv"] = {"max_rel_diff": check_direct_conv("cuda")}
     except Exception as err:  # report and go on
@@ -388,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, msg in case["errors"].items():
             print(f"error: {case['case']} / {k}: {msg}")
     print(f"bn_act_pool [64, 1024, 28, 28] fwd+bwd: {out['norm_act']}")
+    print(f"gn_act_pool [64, 1024, 28, 28], 256 groups, fwd+bwd: {out['gn_act']}")
     print(f"direct_conv2d vs F.conv2d: {out['direct_conv']}")
     print(format_ensemble(out["ensemble"], args.members))
     # rc 5: pytest collected no test (no CUDA tests yet), not a failure of this suite

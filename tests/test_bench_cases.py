@@ -140,6 +140,14 @@ def test_gpu_suite_norm_act_check_runs_on_cpu() -> None:
     assert all(d <= 1e-5 for d in diff.values()), diff
 
 
+def test_gpu_suite_gn_act_check_runs_on_cpu() -> None:
+    """The GPU suite's gn_act_pool comparison, run on the CPU kernel: tiny differences."""
+    suite = _bench_module("gpu_suite")
+    diff = suite.check_gn_act("cpu")
+    assert set(diff) == {"out", "dx", "dw", "db"}
+    assert all(d <= 1e-5 for d in diff.values()), diff
+
+
 def test_gpu_suite_direct_conv_check_runs_on_cpu() -> None:
     """The GPU suite's direct_conv2d comparison, run on the C++ kernel: tiny differences."""
     suite = _bench_module("gpu_suite")

@@ -31,12 +31,16 @@ Contract (same for every backend)::
   ``output_mask[1]``/``[2]``, else None). ``grad_x`` is always computed.
 
 Backends: C++ on CPU (``csrc/norm_act.cpp``, autograd in ``csrc/norm_act_autograd.cpp``);
-on CUDA, by decision for now, the torch ops below (:func:`gn_act_pool_torch`): no Triton
-kernel has been written for this mode (the BatchNorm mode has one). The x̂-from-out
-identity of ``bn_act_pool``'s backward is not used here: a group's planes are still in
-L1/L2 when the dx pass reads x again. Float32/float64 only; the ensemble runs torch's
-unfused layers for other dtypes. :func:`gn_act_pool_reference` is the layer in plain
-torch (``F.group_norm`` → ``relu`` → ``F.max_pool2d``).
+on CUDA the Triton kernels of ``bn_act_pool`` (:func:`gn_act_pool_triton`): its
+statistics kernel over the ``[1, N·G, C/G·H·W]`` view (one "channel" per sample and
+group), its eval-mode forward and its backward kernels over the ``[1, N·C, H, W]`` view
+(one "channel" per plane) with per-plane statistics and dx coefficients formed from the
+group sums by a few torch ops on ``[N, C]`` tensors. The x̂-from-out identity of
+``bn_act_pool``'s backward is not used here: a group's planes are still in L1/L2 when
+the dx pass reads x again. Float32/float64 only (float64 on CUDA: the torch ops of
+:func:`gn_act_pool_torch`); the ensemble runs torch's unfused layers for other dtypes.
+:func:`gn_act_pool_reference` is the layer in plain torch (``F.group_norm`` → ``relu``
+→ ``F.max_pool2d``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scaleinv_kernels._extension import extension_loaded, log_once
+from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
+from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.norm_act import (
     SUPPORTED_DTYPES,
     _bcast,
@@ -148,6 +153,93 @@ def gn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
             g.sum(dims).to(x.dtype) if output_mask[2] else None)
 
 
+def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                       eps: float, relu: bool, pool: int
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton implementation of the forward contract (float64: torch ops)."""
+    validate(x, weight, bias, groups, eps, pool)
+    if x.dtype == torch.float64:
+        return gn_act_pool_torch(x, weight, bias, groups, eps, relu, pool)
+    x = x.contiguous()
+    n, c, h, w, ho, wo = na._geometry(x, pool)
+    per, planes = c // groups, n * c
+    out = x.new_empty(_out_shape(x.shape, pool))
+    index = x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+    if x.numel() == 0:
+        return out, x.new_empty(n, groups), x.new_empty(n, groups), index
+    blocks, total = n * groups, per * h * w  # (sample, group) blocks: contiguous runs
+    sums = torch.zeros(blocks, 2, dtype=torch.float64, device=x.device)
+    split, per_prog = na._split(blocks, total, na.MAX_BLOCK, x.device)
+    na._stats_kernel[(blocks, split)](x, sums, blocks, total, total, per_prog,
+                                      BLOCK=na.MAX_BLOCK, num_warps=8)
+    # the statistics as _fwd_kernel forms them in training mode (fp64, shifted sums)
+    shift = x.view(blocks, total)[:, 0].double()
+    m = sums[:, 0] / total
+    var = (sums[:, 1] / total - m * m).clamp_(min=0.0)
+    mean = (shift + m).to(x.dtype).view(n, groups)
+    invstd = (var + eps).rsqrt().to(x.dtype).view(n, groups)
+    # normalize/ReLU/pool: the eval-mode kernel with one "channel" per plane
+    mean_p = mean.repeat_interleave(per, 1).reshape(-1)
+    inv_p = invstd.repeat_interleave(per, 1).reshape(-1)
+    w_p = weight.repeat(n) if weight is not None else x
+    b_p = bias.repeat(n) if bias is not None else x
+    block = na._block(ho * wo)
+    na._fwd_kernel[(planes, triton.cdiv(ho * wo, block))](
+        x, w_p, b_p, sums, mean_p, inv_p, out, index if pool == 2 else out, planes, w,
+        h * w, wo, ho * wo, h * w, float(eps), TRAINING=False, HAS_W=weight is not None,
+        HAS_B=bias is not None, RELU=bool(relu), POOL=pool, BLOCK=block, num_warps=4)
+    return out, mean, invstd, index
+
+
+def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | None,
+                                save_mean: Tensor, save_invstd: Tensor, out: Tensor,
+                                index: Tensor, groups: int, relu: bool, pool: int,
+                                output_mask: list[bool]
+                                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Triton implementation of the backward contract (float64: torch ops)."""
+    validate(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
+    if x.dtype == torch.float64:
+        return gn_act_pool_backward_torch(grad_out, x, weight, save_mean, save_invstd, out,
+                                          index, groups, relu, pool, output_mask)
+    x, grad_out, out = x.contiguous(), grad_out.contiguous(), out.contiguous()
+    index = index.contiguous() if pool == 2 else out
+    n, c, h, w, ho, wo = na._geometry(x, pool)
+    per, planes = c // groups, n * c
+    dx = torch.empty_like(x)
+    psums = torch.zeros(planes, 2, dtype=torch.float64, device=x.device)
+    mean_p = save_mean.contiguous().repeat_interleave(per, 1).reshape(-1)
+    inv_p = save_invstd.contiguous().repeat_interleave(per, 1).reshape(-1)
+    if x.numel():
+        # per plane: sum(g), sum(g * (x - mean)) (x at the argmax, never out)
+        split, per_prog = na._split(planes, ho * wo, na.MAX_BLOCK, x.device)
+        na._bwd_reduce_kernel[(planes, split)](
+            grad_out, x, torch.zeros(planes, dtype=torch.int8, device=x.device), mean_p, out,
+            index, psums, planes, w, h * w, wo, ho * wo, ho * wo, per_prog, RELU=bool(relu),
+            POOL=pool, BLOCK=na.MAX_BLOCK, num_warps=8)
+    s1, s2 = psums[:, 0].view(n, c), psums[:, 1].view(n, c)
+    inv = save_invstd.double()
+    wd = weight.double() if weight is not None else torch.ones(c, dtype=torch.float64,
+                                                               device=x.device)
+    a = (s1 * wd).view(n, groups, per).sum(2)  # [N, G]: sum of w*g over the group
+    b = (s2 * wd).view(n, groups, per).sum(2)  # sum of w*g*(x - mean)
+    cnt = per * h * w
+    # dx = invstd*w*g + k0 + k2*(x - mean): k0 = -invstd*a/cnt, k2 = -invstd^3*b/cnt
+    coef = torch.stack([inv.repeat_interleave(per, 1) * wd,
+                        (-inv * a / cnt).repeat_interleave(per, 1),
+                        (-inv ** 3 * b / cnt).repeat_interleave(per, 1)], dim=2)
+    coef = coef.reshape(planes, 3).to(x.dtype).contiguous()
+    if x.numel():
+        block = na._block(h * w)
+        na._bwd_dx_kernel[(planes, triton.cdiv(h * w, block))](
+            grad_out, x, x, mean_p, inv_p, out, index, psums, coef, dx, planes, w, h * w, ho,
+            wo, ho * wo, h * w, TRAINING=True, HAS_W=False, RELU=bool(relu), POOL=pool,
+            BLOCK=block, COEF=True, num_warps=4)
+    grad_w = ((s2 * inv.repeat_interleave(per, 1)).sum(0).to(x.dtype)
+              if output_mask[1] else None)
+    grad_b = s1.sum(0).to(x.dtype) if output_mask[2] else None
+    return dx, grad_w, grad_b
+
+
 def _fake_forward(x, weight, bias, groups, eps, relu, pool):
     validate(x, weight, bias, groups, eps, pool)
     out = x.new_empty(_out_shape(x.shape, pool))
@@ -168,9 +260,16 @@ def _register() -> None:
     torch.library.register_fake(OP)(_fake_forward)
     torch.library.register_fake(OP + "_backward")(_fake_backward)
     # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device
-    torch.library.register_kernel(OP, "cuda")(gn_act_pool_torch)
-    torch.library.register_kernel(OP + "_backward", "cuda")(gn_act_pool_backward_torch)
+    if triton_available():
+        torch.library.register_kernel(OP, "cuda")(gn_act_pool_triton)
+        torch.library.register_kernel(OP + "_backward", "cuda")(gn_act_pool_backward_triton)
+    else:
+        torch.library.register_kernel(OP, "cuda")(gn_act_pool_torch)
+        torch.library.register_kernel(OP + "_backward", "cuda")(gn_act_pool_backward_torch)
 
+
+if triton_available():
+    import triton
 
 if extension_loaded():
     _register()

@@ -448,6 +448,7 @@ if triton_available():
         out_ptr,  # *fp32 [N, C, Ho, Wo] (RELU)
         ind_ptr,  # *u8 [N, C, Ho, Wo] (POOL)
         sums_ptr,  # *fp64 [C, 2] sum(g), sum(g * xhat) (TRAINING)
+        coef_ptr,  # *fp32 [C, 3] (COEF) the channel's scale, k0, k2 given, not from sums
         dx_ptr,  # *fp32 [N, C, H, W] output
         C,
         W,  # input width
@@ -461,16 +462,22 @@ if triton_available():
         RELU: tl.constexpr,
         POOL: tl.constexpr,
         BLOCK: tl.constexpr,  # inputs per program
+        COEF: tl.constexpr = False,  # dx = scale*g + k0 + k2*(x - mean) from coef_ptr
     ):
+        # COEF: the GroupNorm mode (gn_act.py) runs this kernel over [1, N*C, H, W] with
+        # per-plane coefficients it forms from its group sums
         plane = tl.program_id(0).to(tl.int64)
         c = plane % C
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < HW
-        invstd = tl.load(invstd_ptr + c)
-        if HAS_W:
-            scale = invstd * tl.load(w_ptr + c)
+        if COEF:
+            scale = tl.load(coef_ptr + c * 3)
         else:
-            scale = invstd
+            invstd = tl.load(invstd_ptr + c)
+            if HAS_W:
+                scale = invstd * tl.load(w_ptr + c)
+            else:
+                scale = invstd
         if POOL == 2:
             h = offs // W
             w = offs % W
@@ -490,10 +497,14 @@ if triton_available():
         dx = scale * g
         if TRAINING:
             mean = tl.load(mean_ptr + c)
-            s1 = tl.load(sums_ptr + c * 2)
-            s2 = tl.load(sums_ptr + c * 2 + 1)
-            k0 = (-scale.to(tl.float64) * s1 / count).to(tl.float32)
-            k2 = (-scale.to(tl.float64) * invstd.to(tl.float64) * s2 / count).to(tl.float32)
+            if COEF:
+                k0 = tl.load(coef_ptr + c * 3 + 1)
+                k2 = tl.load(coef_ptr + c * 3 + 2)
+            else:
+                s1 = tl.load(sums_ptr + c * 2)
+                s2 = tl.load(sums_ptr + c * 2 + 1)
+                k0 = (-scale.to(tl.float64) * s1 / count).to(tl.float32)
+                k2 = (-scale.to(tl.float64) * invstd.to(tl.float64) * s2 / count).to(tl.float32)
             xv = tl.load(x_ptr + plane * HW + offs, mask=mask, other=0.0)
             dx = dx + k0 + k2 * (xv - mean)
         tl.store(dx_ptr + plane * HW + offs, dx, mask=mask)
@@ -590,7 +601,7 @@ def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
         block = _block(h * w)
         _bwd_dx_kernel[(n * c, triton.cdiv(h * w, block))](
             grad_out, x, weight if weight is not None else x, save_mean, save_invstd, out,
-            index, sums, dx, c, w, h * w, ho, wo, ho * wo, n * h * w,
+            index, sums, x, dx, c, w, h * w, ho, wo, ho * wo, n * h * w,
             TRAINING=bool(training), HAS_W=weight is not None, RELU=bool(relu), POOL=pool,
             BLOCK=block, num_warps=4)
     grad_w = sums[:, 1].to(x.dtype) if output_mask[1] else None

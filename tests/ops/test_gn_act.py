@@ -210,3 +210,39 @@ def test_portable_kernels_match_reference():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+# ---- Triton (BatchNorm's kernels over plane / group views) under the interpreter -----
+
+TRITON_CASES = [
+    ((4, 6, 7, 5), 3, 2, True, True),   # shape, groups, pool, relu, affine
+    ((2, 4, 6, 6), 1, 2, False, False),
+    ((2, 6, 5, 37), 6, 2, True, True),
+    ((3, 8, 9), 4, 0, True, True),
+    ((3, 4, 5, 5), 2, 0, False, False),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_matches_op_contract(case):
+    """gn_act_pool_triton / _backward_triton (the CUDA kernels; here on CPU tensors under
+    TRITON_INTERPRET=1) against the float64 torch contract; the index bit for bit."""
+    shape, groups, pool, relu, affine = case
+    x, w, b = _make(shape, affine, seed=5)
+    fwd = ga.gn_act_pool_triton(x, w, b, groups, EPS, relu, pool)
+    ref = ga.gn_act_pool_torch(x.double(), _f64(w), _f64(b), groups, EPS, relu, pool)
+    for name, g, r in zip(("out", "save_mean", "save_invstd"), fwd, ref):
+        assert g.dtype == torch.float32
+        assert_close(g, r, f"triton {name}")
+    assert_bitwise(fwd[3], ref[3], "triton index")
+    go = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(2))
+    mask = [True, affine, affine]
+    got = ga.gn_act_pool_backward_triton(go, x, w, *fwd[1:3], fwd[0], fwd[3], groups, relu,
+                                         pool, mask)
+    exp = ga.gn_act_pool_backward_torch(go.double(), x.double(), _f64(w), ref[1], ref[2],
+                                        ref[0], ref[3], groups, relu, pool, mask)
+    for name, g, r in zip(("grad x", "grad weight", "grad bias"), got, exp):
+        if r is None:
+            assert g is None, name
+        else:
+            assert_close(g, r, f"triton {name}")

@@ -392,10 +392,11 @@ kernels = {
                                               total=I, per_prog=I),
                    [dict(RELU=True, POOL=2, BLOCK=1024), dict(RELU=False, POOL=0, BLOCK=1024)]),
     "bwd_dx": (m._bwd_dx_kernel, dict(gout_ptr=P, x_ptr=P, w_ptr=P, mean_ptr=P, invstd_ptr=P,
-                                      out_ptr=P, ind_ptr="*u8", sums_ptr="*fp64", dx_ptr=P, C=I,
-                                      W=I, HW=I, Ho=I, Wo=I, HWo=I, count=I),
-               [dict(TRAINING=True, HAS_W=True, RELU=True, POOL=2, BLOCK=1024),
-                dict(TRAINING=False, HAS_W=False, RELU=False, POOL=0, BLOCK=256)]),
+                                      out_ptr=P, ind_ptr="*u8", sums_ptr="*fp64", coef_ptr=P,
+                                      dx_ptr=P, C=I, W=I, HW=I, Ho=I, Wo=I, HWo=I, count=I),
+               [dict(TRAINING=True, HAS_W=True, RELU=True, POOL=2, BLOCK=1024, COEF=False),
+                dict(TRAINING=False, HAS_W=False, RELU=False, POOL=0, BLOCK=256, COEF=False),
+                dict(TRAINING=True, HAS_W=False, RELU=True, POOL=2, BLOCK=256, COEF=True)]),
 }
 out = []
 for arch in map(int, sys.argv[1:]):
@@ -419,7 +420,7 @@ def test_triton_kernels_compile_ahead_of_time():
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     variants = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(variants) == 11
+    assert len(variants) == 12
     for v in variants:
         print(v)  # registers/spills in the test log (pytest -s / -rA)
         assert v["cubin"] > 0
