@@ -17,6 +17,7 @@ every member its own batch; SGD lr 0.1, momentum 0.9, weight decay 5e-4.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -49,12 +50,16 @@ def _data(m: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, tor
             torch.randint(0, 10, (m, BATCH), generator=g).to(device))
 
 
+def _model(norm: str) -> Callable[[], torch.nn.Module]:
+    return functools.partial(normalized_cnn, norm=norm)
+
+
 def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
-                  device: str = "cpu") -> Callable[[], None]:
+                  device: str = "cpu", norm: str = "batch") -> Callable[[], None]:
     """Forward + backward per chunk of ``chunk`` members (as ``EnsembleTrainer`` with
     ``chunk_size``: gradients go straight into the chunk's rows of ``p.grad``), then ONE
     optimizer step over all members."""
-    ens = Ensemble(normalized_cnn, m, init="independent", seed=0,
+    ens = Ensemble(_model(norm), m, init="independent", seed=0,
                    conv_impl=conv_impl).to(device)
     opt = FusedSGDWD(ens.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     x, y = _data(m, device)
@@ -72,8 +77,8 @@ def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
     return step
 
 
-def eager_loop_step(m: int, device: str = "cpu") -> Callable[[], None]:
-    models = [normalized_cnn().to(device) for _ in range(m)]
+def eager_loop_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], None]:
+    models = [_model(norm)().to(device) for _ in range(m)]
     opts = [torch.optim.SGD(mod.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
             for mod in models]
     x, y = _data(m, device)
@@ -87,7 +92,7 @@ def eager_loop_step(m: int, device: str = "cpu") -> Callable[[], None]:
     return step
 
 
-def vmap_step(m: int, device: str = "cpu") -> Callable[[], None]:
+def vmap_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], None]:
     from torch.func import (
         functional_call,
         grad,
@@ -96,7 +101,7 @@ def vmap_step(m: int, device: str = "cpu") -> Callable[[], None]:
         vmap,
     )
 
-    models = [normalized_cnn().to(device) for _ in range(m)]
+    models = [_model(norm)().to(device) for _ in range(m)]
     for mod in models:
         replace_all_batch_norm_modules_(mod)
     params, buffers = stack_module_state(models)
@@ -124,8 +129,8 @@ def vmap_step(m: int, device: str = "cpu") -> Callable[[], None]:
 
 
 BUILDERS = {"ensemble": ensemble_step,
-            "ensemble_chunked": lambda m, device="cpu": ensemble_step(
-                m, chunk=min(CPU_CHUNK, m), device=device),
+            "ensemble_chunked": lambda m, device="cpu", norm="batch": ensemble_step(
+                m, chunk=min(CPU_CHUNK, m), device=device, norm=norm),
             "eager_loop": eager_loop_step, "vmap": vmap_step}
 
 

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
+    parser.add_argument("--norm", choices=["batch", "group"], default="batch",
+                        help="the CNN's normalization (group: GroupNorm(4), fused as "
+                             "scaleinv::gn_act_pool)")
     args = parser.parse_args(argv)
     peak = matmul_gflops()
     flops = conv_flops_per_member_step()
@@ -60,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for m in args.members:
-        steps = {k: BUILDERS[k](m) for k in args.variants}
+        steps = {k: BUILDERS[k](m, norm=args.norm) for k in args.variants}
         t = interleaved(steps, repeats=args.repeats, min_time=0.2, warmup=1)
         base = {k: t[k].median for k in t}
-        lines += [f"## M = {m} (batch {BATCH} per member, 28×28)", "",
+        lines += [f"## M = {m} (batch {BATCH} per member, 28×28, {args.norm} norm)", "",
                   "| variant | ms/step (IQR) | member-steps/s | conv GFLOP/s (% of matmul) | "
                   "eager loop / this | vmap / this |", "|---|---|---|---|---|---|"]
         for k in args.variants:

@@ -18,28 +18,38 @@ from torch import nn
 
 
 def normalized_cnn(channels: Sequence[int] = (16, 32, 32), num_classes: int = 10,
-                   in_channels: int = 1) -> nn.Sequential:
+                   in_channels: int = 1, norm: str = "batch",
+                   num_groups: int = 4) -> nn.Sequential:
     """A small CNN whose loss is scale-invariant in every trainable tensor.
 
     One block per entry of ``channels``: 3×3 convolution ``conv<i>`` (padding 1, no bias) →
-    ``BatchNorm2d(affine=False)`` → ReLU, with ``MaxPool2d(2)`` after each of the first
-    two blocks; then global average pooling, flatten, and a ``Linear(channels[-1],
-    num_classes)`` named ``fc`` whose weight and bias are frozen at their random init
-    (``requires_grad=False``).
+    ``BatchNorm2d(affine=False)`` named ``bn<i>`` (``norm="batch"``) or
+    ``GroupNorm(num_groups, affine=False)`` named ``gn<i>`` (``norm="group"``) → ReLU, with
+    ``MaxPool2d(2)`` after each of the first two blocks; then global average pooling,
+    flatten, and a ``Linear(channels[-1], num_classes)`` named ``fc`` whose weight and
+    bias are frozen at their random init (``requires_grad=False``).
 
     Contract: the trainable parameters are exactly the convolution weights, each
-    followed by a batch normalization without affine parameters, so in train mode
-    (batch statistics) the output is unchanged when any of them is multiplied by
-    c > 0 (up to BatchNorm's ``eps``). In eval mode the running statistics break exact
-    invariance.
+    followed by a normalization without affine parameters, so the output is unchanged
+    when any of them is multiplied by c > 0 (up to the norm's ``eps``): with BatchNorm in
+    train mode (batch statistics; in eval mode the running statistics break exact
+    invariance), with GroupNorm in both modes (per-sample statistics).
     """
     if not channels:
         raise ValueError("normalized_cnn: channels must list at least one width")
+    if norm not in ("batch", "group"):
+        raise ValueError(f"normalized_cnn: norm must be 'batch' or 'group', got {norm!r}")
+    if norm == "group" and any(c % num_groups for c in channels):
+        raise ValueError(f"normalized_cnn: num_groups={num_groups} must divide every width "
+                         f"in channels={tuple(channels)}")
     layers: dict[str, nn.Module] = {}
     width = in_channels
     for i, out in enumerate(channels, start=1):
         layers[f"conv{i}"] = nn.Conv2d(width, out, kernel_size=3, padding=1, bias=False)
-        layers[f"bn{i}"] = nn.BatchNorm2d(out, affine=False)
+        if norm == "batch":
+            layers[f"bn{i}"] = nn.BatchNorm2d(out, affine=False)
+        else:
+            layers[f"gn{i}"] = nn.GroupNorm(num_groups, out, affine=False)
         layers[f"relu{i}"] = nn.ReLU(inplace=True)
         if i <= 2:
             layers[f"pool{i}"] = nn.MaxPool2d(2)

@@ -162,5 +162,6 @@ def test_ensemble_cases_every_variant_steps_and_matches_the_loop() -> None:
     ens_cases = _bench_module("ensemble_cases")
     for build in ens_cases.BUILDERS.values():
         build(2)()  # builds and steps without error
+        build(2, norm="group")()  # the GroupNorm CNN (ensemble_report.py --norm group)
     ens_cases.ensemble_step(2, chunk=1)()
     assert ens_cases.check_same_update(2) <= 1e-5

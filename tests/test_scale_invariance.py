@@ -75,6 +75,29 @@ def test_normalized_cnn_options():
     assert model(torch.randn(5, 3, 16, 16)).shape == (5, 3)
     with pytest.raises(ValueError, match="at least one width"):
         normalized_cnn(channels=())
+    with pytest.raises(ValueError, match="norm must be 'batch' or 'group'"):
+        normalized_cnn(norm="layer")
+    with pytest.raises(ValueError, match="num_groups=3 must divide every width"):
+        normalized_cnn(norm="group", num_groups=3)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_groupnorm_cnn_is_scale_invariant_in_both_modes(train):
+    """norm="group": GroupNorm(4, affine=False) blocks named gn<i>; per-sample statistics,
+    so scaling a conv weight leaves the output unchanged in eval mode too."""
+    torch.manual_seed(0)
+    model = normalized_cnn(norm="group").train(train)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert [m.num_groups for m in norms] == [4, 4, 4] and not any(m.affine for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert hasattr(model, "gn1") and not hasattr(model, "bn1")
+    x, y, _, _ = load_mnist5k()
+    with torch.no_grad():
+        before = F.cross_entropy(model(x[:64]), y[:64])
+        model.conv2.weight.mul_(5.0)
+        after = F.cross_entropy(model(x[:64]), y[:64])
+    assert before.item() > 1.0
+    assert abs(after.item() - before.item()) <= 1e-5 * before.item()
 
 
 def test_freeze_last_layer_freezes_the_last_linear():

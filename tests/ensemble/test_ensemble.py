@@ -149,7 +149,7 @@ def gn_cnn() -> nn.Module:
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("net", ["cnn", "cnn-odd", "bnmlp", "resnet", "affine-bn-relu-pool",
-                                 "gn-relu-pool"])
+                                 "gn-relu-pool", "cnn-groupnorm"])
 def test_whole_nets_match_member_loop(net, train, fuse):
     factory, shape = {
         "cnn": (normalized_cnn, (4, 1, 12, 12)),
@@ -163,6 +163,7 @@ def test_whole_nets_match_member_loop(net, train, fuse):
             nn.ReLU(inplace=True), nn.Flatten(),
             nn.Linear(4 * 4 * 4, 3)), (5, 2, 13, 12)),
         "gn-relu-pool": (gn_cnn, (5, 2, 13, 12)),
+        "cnn-groupnorm": (lambda: normalized_cnn(norm="group"), (4, 1, 12, 12)),
     }[net]
     compare_with_loop(factory, 3, shape, train=train, fuse=fuse)
 
