@@ -238,7 +238,7 @@ def _conditioning_case(pool, relu):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("pool,relu", [(2, True), (2, False), (0, True)], ids=str)
+@pytest.mark.parametrize("pool,relu", [(2, True), (2, False), (0, True), (0, False)], ids=str)
 def test_backward_xhat_source(pool, relu, backend):
     """The sums take x̂ from out on well-conditioned channels and from x elsewhere: both
     match the float64 reference, and perturbing out (same signs) moves grad_weight on
