@@ -294,6 +294,25 @@ class MemberLinear(MemberLayer):
 # ------------------------------------------------------------------------------------
 
 
+def _as_channels(layer: MemberLayer, x: Tensor, channels: int, kind: str
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Folded ``x`` [B·m, C, ...] as the free view [B, m·C, ...] (member i's channel c is
+    channel i·C + c) and the layer's [m, C] weight and bias flattened to match."""
+    c = layer.ctx
+    if x.dim() not in (2, 3, 4) or x.shape[1] != channels:
+        raise ValueError(f"{kind}: expected [N, {channels}, ...] input, "
+                         f"got per-member shape {[c.batch, *x.shape[1:]]}")
+    xc = x.view(c.batch, c.m * channels, *x.shape[2:])
+    w, b = layer._p(layer.weight), layer._p(layer.bias)
+    return xc, None if w is None else w.reshape(-1), None if b is None else b.reshape(-1)
+
+
+def _fused_repr(layer: nn.Module) -> str:
+    if not layer.fused_relu:
+        return ""
+    return ", fused: +ReLU" + (" +MaxPool2d(2)" if layer.fused_pool else "")
+
+
 class MemberBatchNorm(MemberLayer):
     """M copies of ``nn.BatchNorm1d``/``nn.BatchNorm2d``: torch's own batch norm over the
     ``m·C`` channels of the free view ``[B, m·C, ...]`` — per-member, per-channel batch
@@ -319,12 +338,9 @@ class MemberBatchNorm(MemberLayer):
         self.fused_pool = 0
 
     def extra_repr(self) -> str:
-        fused = ""
-        if self.fused_relu:
-            fused = ", fused: +ReLU" + (" +MaxPool2d(2)" if self.fused_pool else "")
         return (f"{self.kind}, members={self.ctx.n_members}, {self.num_features}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}{fused}")
+                f"track_running_stats={self.track_running_stats}{_fused_repr(self)}")
 
     def can_fuse(self) -> bool:
         """The fused op covers BatchNorm2d with an exponential running average."""
@@ -333,14 +349,8 @@ class MemberBatchNorm(MemberLayer):
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
         x = c.folded(x, self.kind)
-        if x.dim() not in (2, 3, 4) or x.shape[1] != self.num_features:
-            raise ValueError(f"{self.kind}: expected [N, {self.num_features}, ...] input, "
-                             f"got per-member shape {[c.batch, *x.shape[1:]]}")
         m = c.m
-        xc = x.view(c.batch, m * self.num_features, *x.shape[2:])
-        w, b = self._p(self.weight), self._p(self.bias)
-        w = None if w is None else w.reshape(-1)
-        b = None if b is None else b.reshape(-1)
+        xc, w, b = _as_channels(self, x, self.num_features, self.kind)
         rm, rv = self._p(self.running_mean), self._p(self.running_var)
         training = self.training or rm is None
         update = self.training and self.track_running_stats and rm is not None
@@ -394,11 +404,8 @@ class MemberGroupNorm(MemberLayer):
         self.fused_pool = 0
 
     def extra_repr(self) -> str:
-        fused = ""
-        if self.fused_relu:
-            fused = ", fused: +ReLU" + (" +MaxPool2d(2)" if self.fused_pool else "")
         return (f"GroupNorm, members={self.ctx.n_members}, {self.num_groups}, "
-                f"{self.num_channels}, eps={self.eps}{fused}")
+                f"{self.num_channels}, eps={self.eps}{_fused_repr(self)}")
 
     def can_fuse(self) -> bool:
         return True
@@ -407,14 +414,8 @@ class MemberGroupNorm(MemberLayer):
         c = self.ctx
         x = c.folded(x, "GroupNorm")
         if self.fused_relu:
-            if x.dim() not in (2, 3, 4) or x.shape[1] != self.num_channels:
-                raise ValueError(f"GroupNorm: expected [N, {self.num_channels}, ...] input, "
-                                 f"got per-member shape {[c.batch, *x.shape[1:]]}")
             m = c.m
-            xc = x.view(c.batch, m * self.num_channels, *x.shape[2:])
-            w, b = self._p(self.weight), self._p(self.bias)
-            w = None if w is None else w.reshape(-1)
-            b = None if b is None else b.reshape(-1)
+            xc, w, b = _as_channels(self, x, self.num_channels, "GroupNorm")
             # float32/float64 fused; other dtypes run the same layers unfused
             fn = gn_act_pool if xc.dtype in FUSED_NORM_DTYPES else gn_act_pool_reference
             y = fn(xc, w, b, m * self.num_groups, eps=self.eps, relu=True,

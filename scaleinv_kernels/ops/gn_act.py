@@ -52,11 +52,11 @@ from torch import Tensor
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
 from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.norm_act import (
-    SUPPORTED_DTYPES,
     _bcast,
     _check_vec,
     _out_shape,
     _routed_grad,
+    validate_x,
 )
 
 OP = "scaleinv::gn_act_pool"
@@ -65,21 +65,7 @@ OP = "scaleinv::gn_act_pool"
 def validate(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
              pool: int, op: str = "scaleinv::gn_act_pool: ") -> None:
     """Raise ValueError/TypeError naming the offending argument."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}x must be a Tensor, got {type(x).__name__}")
-    if pool not in (0, 2) or isinstance(pool, bool):
-        raise ValueError(f"{op}pool must be 0 (none) or 2 (2x2 max pool), got {pool!r}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}x must be float32 or float64, got {x.dtype}")
-    if x.layout != torch.strided:
-        raise ValueError(f"{op}x must be a dense (strided) tensor, got layout {x.layout}")
-    if pool == 2 and x.dim() != 4:
-        raise ValueError(f"{op}pool=2 needs a 4-D x [N, C, H, W], got shape {list(x.shape)}")
-    if not 2 <= x.dim() <= 4:
-        raise ValueError(f"{op}x must be [N, C], [N, C, L] or [N, C, H, W], got shape "
-                         f"{list(x.shape)}")
-    if pool == 2 and (x.shape[2] < 2 or x.shape[3] < 2):
-        raise ValueError(f"{op}pool=2 needs H >= 2 and W >= 2, got shape {list(x.shape)}")
+    validate_x(x, pool, op)
     c = x.shape[1]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c % groups:
         raise ValueError(f"{op}groups must be an int >= 1 that divides the {c} channels, "

@@ -98,10 +98,8 @@ def _check_vec(op: str, name: str, t: Tensor | None, x: Tensor, c: int) -> None:
         raise ValueError(f"{op}{name} is on {t.device} but x is on {x.device}")
 
 
-def validate_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                     mean: Tensor | None, invstd: Tensor | None, eps: float, pool: int,
-                     op: str = "scaleinv::bn_act_pool: ") -> None:
-    """Raise ValueError/TypeError naming the offending argument."""
+def validate_x(x: Tensor, pool: int, op: str) -> None:
+    """The checks of x and pool both norm modes share (ValueError/TypeError naming them)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}x must be a Tensor, got {type(x).__name__}")
     if pool not in (0, 2) or isinstance(pool, bool):
@@ -117,6 +115,13 @@ def validate_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                          f"{list(x.shape)}")
     if pool == 2 and (x.shape[2] < 2 or x.shape[3] < 2):
         raise ValueError(f"{op}pool=2 needs H >= 2 and W >= 2, got shape {list(x.shape)}")
+
+
+def validate_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     mean: Tensor | None, invstd: Tensor | None, eps: float, pool: int,
+                     op: str = "scaleinv::bn_act_pool: ") -> None:
+    """Raise ValueError/TypeError naming the offending argument."""
+    validate_x(x, pool, op)
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)):
         _check_vec(op, name, t, x, c)
