@@ -36,6 +36,7 @@
 #include <optional>
 #include <sstream>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -1024,6 +1025,45 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+// out's shape: x's, with H and W halved (floor) by the pool.
+std::vector<int64_t> output_shape(const at::Tensor& x, const Geo& g) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (g.pool == 2) {
+    shape[2] = g.Ho;
+    shape[3] = g.Wo;
+  }
+  return shape;
+}
+
+// The forward's out and index (uint8, [0]-shaped without pool), uninitialised.
+std::pair<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& x, const Geo& g) {
+  const std::vector<int64_t> shape = output_shape(x, g);
+  return {at::empty(shape, x.options()),
+          at::empty(g.pool == 2 ? shape : std::vector<int64_t>{0},
+                    x.options().dtype(at::kByte))};
+}
+
+// grad_out, out and index of a backward call: the forward's output shape and x's dtype
+// (index: uint8).
+void check_backward_inputs(const char* op, const Geo& g, const at::Tensor& x,
+                           const at::Tensor& grad_out, const at::Tensor& out,
+                           const at::Tensor& index) {
+  const std::vector<int64_t> shape = output_shape(x, g);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape) &&
+                        out.sizes() == at::IntArrayRef(shape),
+                    op, "grad_out and out must have the output's shape ", at::IntArrayRef(shape),
+                    ", got ", shape_str(grad_out), " and ", shape_str(out));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() &&
+                       out.scalar_type() == x.scalar_type(),
+                   op, "grad_out and out must have x's dtype ", x.scalar_type());
+  if (g.pool == 2) {
+    TORCH_CHECK_VALUE(index.sizes() == at::IntArrayRef(shape) &&
+                          index.scalar_type() == at::kByte,
+                      op, "index must be uint8 of the output's shape ", at::IntArrayRef(shape),
+                      ", got ", index.scalar_type(), " ", shape_str(index));
+  }
+}
+
 // ---- ops -------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
@@ -1050,14 +1090,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
                       shape_str(x_in));
   }
   const at::Tensor x = x_in.contiguous();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  if (pool == 2) {
-    out_shape[2] = g.Ho;
-    out_shape[3] = g.Wo;
-  }
-  at::Tensor out = at::empty(out_shape, x.options());
-  at::Tensor index = pool == 2 ? at::empty(out_shape, x.options().dtype(at::kByte))
-                               : at::empty({0}, x.options().dtype(at::kByte));
+  at::Tensor out, index;
+  std::tie(out, index) = empty_outputs(x, g);
   at::Tensor save_mean, save_invstd;
   if (training) {
     save_mean = at::empty({g.C}, x.options());
@@ -1115,24 +1149,7 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                          std::array<bool, 3> output_mask) {
   const char* op = "scaleinv::bn_act_pool_backward: ";
   const Geo g = check_x(op, x_in, pool, relu);
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  if (pool == 2) {
-    out_shape[2] = g.Ho;
-    out_shape[3] = g.Wo;
-  }
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
-                        out_in.sizes() == at::IntArrayRef(out_shape),
-                    op, "grad_out and out must have the output's shape ", at::IntArrayRef(out_shape),
-                    ", got ", shape_str(grad_out_in), " and ", shape_str(out_in));
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type() &&
-                       out_in.scalar_type() == x_in.scalar_type(),
-                   op, "grad_out and out must have x's dtype ", x_in.scalar_type());
-  if (pool == 2) {
-    TORCH_CHECK_VALUE(index_in.sizes() == at::IntArrayRef(out_shape) &&
-                          index_in.scalar_type() == at::kByte,
-                      op, "index must be uint8 of the output's shape ", at::IntArrayRef(out_shape),
-                      ", got ", index_in.scalar_type(), " ", shape_str(index_in));
-  }
+  check_backward_inputs(op, g, x_in, grad_out_in, out_in, index_in);
   std::optional<at::Tensor> w, b;
   if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
   if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
@@ -1201,14 +1218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_act_pool_cpu(
   if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
   if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
   const at::Tensor x = x_in.contiguous();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  if (pool == 2) {
-    out_shape[2] = g.Ho;
-    out_shape[3] = g.Wo;
-  }
-  at::Tensor out = at::empty(out_shape, x.options());
-  at::Tensor index = pool == 2 ? at::empty(out_shape, x.options().dtype(at::kByte))
-                               : at::empty({0}, x.options().dtype(at::kByte));
+  at::Tensor out, index;
+  std::tie(out, index) = empty_outputs(x, g);
   at::Tensor save_mean = at::empty({g.N, groups}, x.options());
   at::Tensor save_invstd = at::empty({g.N, groups}, x.options());
   if (x.numel() == 0) return {out, save_mean, save_invstd, index};
@@ -1242,30 +1253,14 @@ gn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const char* op = "scaleinv::gn_act_pool_backward: ";
   const Geo g = check_x(op, x_in, pool, relu);
   check_groups(op, g, groups);
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  if (pool == 2) {
-    out_shape[2] = g.Ho;
-    out_shape[3] = g.Wo;
-  }
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
-                        out_in.sizes() == at::IntArrayRef(out_shape),
-                    op, "grad_out and out must have the output's shape ", at::IntArrayRef(out_shape),
-                    ", got ", shape_str(grad_out_in), " and ", shape_str(out_in));
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type() &&
-                       out_in.scalar_type() == x_in.scalar_type() &&
-                       save_mean.scalar_type() == x_in.scalar_type() &&
+  check_backward_inputs(op, g, x_in, grad_out_in, out_in, index_in);
+  TORCH_CHECK_TYPE(save_mean.scalar_type() == x_in.scalar_type() &&
                        save_invstd.scalar_type() == x_in.scalar_type(),
-                   op, "grad_out, out and the statistics must have x's dtype ", x_in.scalar_type());
+                   op, "save_mean and save_invstd must have x's dtype ", x_in.scalar_type());
   TORCH_CHECK_VALUE(save_mean.sizes() == at::IntArrayRef({g.N, groups}) &&
                         save_invstd.sizes() == at::IntArrayRef({g.N, groups}),
                     op, "save_mean and save_invstd must have shape [N, groups] = [", g.N, ", ",
                     groups, "], got ", shape_str(save_mean), " and ", shape_str(save_invstd));
-  if (pool == 2) {
-    TORCH_CHECK_VALUE(index_in.sizes() == at::IntArrayRef(out_shape) &&
-                          index_in.scalar_type() == at::kByte,
-                      op, "index must be uint8 of the output's shape ", at::IntArrayRef(out_shape),
-                      ", got ", index_in.scalar_type(), " ", shape_str(index_in));
-  }
   std::optional<at::Tensor> w;
   if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
   const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),

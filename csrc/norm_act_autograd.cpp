@@ -26,6 +26,46 @@ using BwdSig = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<a
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, bool, bool, int64_t, std::array<bool, 3>);
 
+// Shared by both norms: the forward's outputs saved as [x, weight, save_mean, save_invstd,
+// out, index, bias] (undefined tensors for a missing weight/bias), the flags that say
+// which were given, and no zero-filled grads for the non-differentiable outputs.
+void save_for_norm_backward(AutogradContext* ctx, const at::Tensor& x,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+                            const at::Tensor& save_invstd, const at::Tensor& out,
+                            const at::Tensor& index, bool relu, int64_t pool) {
+  ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd, out, index,
+                          bias.value_or(at::Tensor())});
+  ctx->saved_data["relu"] = relu;
+  ctx->saved_data["pool"] = pool;
+  ctx->saved_data["has_weight"] = weight.has_value();
+  ctx->saved_data["has_bias"] = bias.has_value();
+  ctx->mark_non_differentiable({save_mean, save_invstd, index});
+  // Undefined grads stay undefined: by default autograd would zero-fill one for each of
+  // the three outputs above (the index alone is E/4 bytes) on every backward.
+  ctx->set_materialize_grads(false);
+}
+
+// What a norm's backward op needs besides the saved tensors.
+struct NormBackwardInputs {
+  std::optional<at::Tensor> weight, bias;
+  std::array<bool, 3> mask;  // grad x always; grad weight/bias where given and needed
+  at::Tensor grad_out;
+};
+
+NormBackwardInputs norm_backward_inputs(AutogradContext* ctx, const variable_list& saved,
+                                        const variable_list& grads) {
+  const bool has_weight = ctx->saved_data["has_weight"].toBool();
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  NormBackwardInputs in;
+  if (has_weight) in.weight = saved[1];
+  if (has_bias) in.bias = saved[6];
+  in.mask = {true, has_weight && ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)};
+  // grad_out is undefined when only the non-differentiable outputs were used
+  in.grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[4]);
+  return in;
+}
+
 class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
@@ -40,17 +80,9 @@ class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, save_mean, save_invstd, index] =
         op.call(x, weight, bias, mean, invstd, eps, relu, pool);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd, out,
-                            index, bias.value_or(at::Tensor())});
+    save_for_norm_backward(ctx, x, weight, bias, save_mean, save_invstd, out, index, relu,
+                           pool);
     ctx->saved_data["training"] = !mean.has_value();
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["pool"] = pool;
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->mark_non_differentiable({save_mean, save_invstd, index});
-    // Undefined grads stay undefined: by default autograd would zero-fill one for each of
-    // the three outputs above (the index alone is E/4 bytes) on every backward.
-    ctx->set_materialize_grads(false);
     return {out, save_mean, save_invstd, index};
   }
 
@@ -59,21 +91,11 @@ class BnActPoolFunction : public torch::autograd::Function<BnActPoolFunction> {
                                .findSchemaOrThrow("scaleinv::bn_act_pool_backward", "")
                                .typed<BwdSig>();
     const variable_list saved = ctx->get_saved_variables();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::optional<at::Tensor> weight =
-        has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-    const std::optional<at::Tensor> bias =
-        has_bias ? std::optional<at::Tensor>(saved[6]) : std::nullopt;
-    const std::array<bool, 3> mask{true, has_weight && ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
-    // grad_out is undefined when only the non-differentiable outputs were used
-    const at::Tensor grad_out =
-        grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[4]);
+    const NormBackwardInputs in = norm_backward_inputs(ctx, saved, grads);
     auto [gx, gw, gb] =
-        op.call(grad_out, saved[0], weight, bias, saved[2], saved[3], saved[4], saved[5],
-                ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
-                ctx->saved_data["pool"].toInt(), mask);
+        op.call(in.grad_out, saved[0], in.weight, in.bias, saved[2], saved[3], saved[4],
+                saved[5], ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
+                ctx->saved_data["pool"].toInt(), in.mask);
     return {gx,           gw.value_or(at::Tensor()), gb.value_or(at::Tensor()), at::Tensor(),
             at::Tensor(), at::Tensor(),              at::Tensor(),              at::Tensor()};
   }
@@ -109,15 +131,9 @@ class GnActPoolFunction : public torch::autograd::Function<GnActPoolFunction> {
                                .typed<GnFwdSig>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, save_mean, save_invstd, index] = op.call(x, weight, bias, groups, eps, relu, pool);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd, out,
-                            index});
+    save_for_norm_backward(ctx, x, weight, bias, save_mean, save_invstd, out, index, relu,
+                           pool);
     ctx->saved_data["groups"] = groups;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["pool"] = pool;
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->mark_non_differentiable({save_mean, save_invstd, index});
-    ctx->set_materialize_grads(false);  // see BnActPoolFunction
     return {out, save_mean, save_invstd, index};
   }
 
@@ -126,18 +142,11 @@ class GnActPoolFunction : public torch::autograd::Function<GnActPoolFunction> {
                                .findSchemaOrThrow("scaleinv::gn_act_pool_backward", "")
                                .typed<GnBwdSig>();
     const variable_list saved = ctx->get_saved_variables();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::optional<at::Tensor> weight =
-        has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-    const std::array<bool, 3> mask{true, has_weight && ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
-    const at::Tensor grad_out =
-        grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[4]);
+    const NormBackwardInputs in = norm_backward_inputs(ctx, saved, grads);
     auto [gx, gw, gb] =
-        op.call(grad_out, saved[0], weight, saved[2], saved[3], saved[4], saved[5],
+        op.call(in.grad_out, saved[0], in.weight, saved[2], saved[3], saved[4], saved[5],
                 ctx->saved_data["groups"].toInt(), ctx->saved_data["relu"].toBool(),
-                ctx->saved_data["pool"].toInt(), mask);
+                ctx->saved_data["pool"].toInt(), in.mask);
     return {gx,           gw.value_or(at::Tensor()), gb.value_or(at::Tensor()), at::Tensor(),
             at::Tensor(), at::Tensor(),              at::Tensor()};
   }
