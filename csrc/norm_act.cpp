@@ -1043,6 +1043,26 @@ std::pair<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& x, const Geo& 
                     x.options().dtype(at::kByte))};
 }
 
+// The tensors of a backward call, as both norm modes pass them to their kernels; the
+// caller sets the mode's own fields (sums/part, training, x̂ source, grouping).
+template <typename T>
+BwdArgs<T> backward_args(const at::Tensor& gout, const at::Tensor& x,
+                         const std::optional<at::Tensor>& w, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& out,
+                         const at::Tensor& index, at::Tensor& dx, const Geo& g) {
+  BwdArgs<T> a{};
+  a.gout = gout.const_data_ptr<T>();
+  a.x = x.const_data_ptr<T>();
+  a.w = ptr_or_null<T>(w);
+  a.mean = mean.const_data_ptr<T>();
+  a.invstd = invstd.const_data_ptr<T>();
+  a.out = out.const_data_ptr<T>();
+  a.ind = g.pool == 2 ? index.const_data_ptr<uint8_t>() : nullptr;
+  a.dx = dx.data_ptr<T>();
+  a.g = g;
+  return a;
+}
+
 // grad_out, out and index of a backward call: the forward's output shape and x's dtype
 // (index: uint8).
 void check_backward_inputs(const char* op, const Geo& g, const at::Tensor& x,
@@ -1164,23 +1184,11 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   at::Tensor sums = at::zeros({g.C, 2}, x.options().dtype(at::kDouble));
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::bn_act_pool_backward", [&] {
-      BwdArgs<scalar_t> a{gout.const_data_ptr<scalar_t>(),
-                          x.const_data_ptr<scalar_t>(),
-                          ptr_or_null<scalar_t>(w),
-                          mean.const_data_ptr<scalar_t>(),
-                          invstd.const_data_ptr<scalar_t>(),
-                          out.const_data_ptr<scalar_t>(),
-                          pool == 2 ? index.const_data_ptr<uint8_t>() : nullptr,
-                          dx.data_ptr<scalar_t>(),
-                          sums.data_ptr<double>(),
-                          training,
-                          need_sums,
-                          nullptr,
-                          nullptr,
-                          nullptr,
-                          g,
-                          nullptr,
-                          0};
+      BwdArgs<scalar_t> a =
+          backward_args<scalar_t>(gout, x, w, mean, invstd, out, index, dx, g);
+      a.sums = sums.data_ptr<double>();
+      a.training = training;
+      a.need_sums = need_sums;
       const XhatSource<scalar_t> src =
           xhat_source(a.w, ptr_or_null<scalar_t>(b), a.mean, a.invstd, g.C);
       a.from_out = src.from_out.data();
@@ -1272,23 +1280,12 @@ gn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   at::Tensor psums = at::zeros({g.N, g.C, 2}, x.options().dtype(at::kDouble));
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaleinv::gn_act_pool_backward", [&] {
-      BwdArgs<scalar_t> a{gout.const_data_ptr<scalar_t>(),
-                          x.const_data_ptr<scalar_t>(),
-                          ptr_or_null<scalar_t>(w),
-                          mean.const_data_ptr<scalar_t>(),
-                          invstd.const_data_ptr<scalar_t>(),
-                          out.const_data_ptr<scalar_t>(),
-                          pool == 2 ? index.const_data_ptr<uint8_t>() : nullptr,
-                          dx.data_ptr<scalar_t>(),
-                          nullptr,
-                          /*training=*/true,
-                          /*need_sums=*/true,
-                          /*from_out=*/nullptr,
-                          nullptr,
-                          nullptr,
-                          g,
-                          psums.data_ptr<double>(),
-                          0};
+      // x̂ from x (from_out stays null): a group's planes are in cache for the dx pass
+      BwdArgs<scalar_t> a =
+          backward_args<scalar_t>(gout, x, w, mean, invstd, out, index, dx, g);
+      a.part = psums.data_ptr<double>();
+      a.training = true;
+      a.need_sums = true;
       a.gn_groups = groups;
       const int64_t blocks = g.N * groups;
       auto fn = pick_build<BwdArgs<scalar_t>>(&gn_bwd_blocks_default<scalar_t>,

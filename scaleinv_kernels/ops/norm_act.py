@@ -627,12 +627,18 @@ def _fake_forward(x, weight, bias, mean, invstd, eps, relu, pool):
     return out, x.new_empty(c), x.new_empty(c), index
 
 
-def _fake_backward(grad_out, x, weight, bias, save_mean, save_invstd, out, index, training,
-                   relu, pool, output_mask):
+def fake_grads(x: Tensor, output_mask: list[bool]
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The backward ops' outputs as fake tensors (both norm modes): dx like x, [C] grads."""
     c = x.shape[1]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(c) if output_mask[1] else None,
             x.new_empty(c) if output_mask[2] else None)
+
+
+def _fake_backward(grad_out, x, weight, bias, save_mean, save_invstd, out, index, training,
+                   relu, pool, output_mask):
+    return fake_grads(x, output_mask)
 
 
 def _register() -> None:
