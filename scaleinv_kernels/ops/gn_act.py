@@ -54,7 +54,6 @@ from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.norm_act import (
     _bcast,
     _check_vec,
-    _out_shape,
     _routed_grad,
     validate_x,
 )
@@ -149,8 +148,7 @@ def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, gr
     x = x.contiguous()
     n, c, h, w, ho, wo = na._geometry(x, pool)
     per, planes = c // groups, n * c
-    out = x.new_empty(_out_shape(x.shape, pool))
-    index = x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+    out, index = na.empty_outputs(x, pool)
     if x.numel() == 0:
         return out, x.new_empty(n, groups), x.new_empty(n, groups), index
     blocks, total = n * groups, per * h * w  # (sample, group) blocks: contiguous runs
@@ -228,8 +226,7 @@ def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
 
 def _fake_forward(x, weight, bias, groups, eps, relu, pool):
     validate(x, weight, bias, groups, eps, pool)
-    out = x.new_empty(_out_shape(x.shape, pool))
-    index = x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+    out, index = na.empty_outputs(x, pool)
     n = x.shape[0]
     return out, x.new_empty(n, groups), x.new_empty(n, groups), index
 

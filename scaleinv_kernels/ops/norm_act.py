@@ -85,6 +85,13 @@ def _out_shape(shape: torch.Size | tuple[int, ...], pool: int) -> list[int]:
     return out
 
 
+def empty_outputs(x: Tensor, pool: int) -> tuple[Tensor, Tensor]:
+    """The forward's ``out`` and uint8 ``index`` (``[0]``-shaped without pool), both
+    norm modes, uninitialised."""
+    out = x.new_empty(_out_shape(x.shape, pool))
+    return out, x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+
+
 def _check_vec(op: str, name: str, t: Tensor | None, x: Tensor, c: int) -> None:
     if t is None:
         return
@@ -551,8 +558,7 @@ def bn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     x = x.contiguous()
     n, c, h, w, ho, wo = _geometry(x, pool)
     training = mean is None
-    out = x.new_empty(_out_shape(x.shape, pool))
-    index = x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+    out, index = empty_outputs(x, pool)
     if training:
         save_mean, save_invstd = x.new_empty(c), x.new_empty(c)
     else:
@@ -621,8 +627,7 @@ def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
 
 def _fake_forward(x, weight, bias, mean, invstd, eps, relu, pool):
     validate_forward(x, weight, bias, mean, invstd, eps, pool)
-    out = x.new_empty(_out_shape(x.shape, pool))
-    index = x.new_empty(out.shape if pool == 2 else (0,), dtype=torch.uint8)
+    out, index = empty_outputs(x, pool)
     c = x.shape[1]
     return out, x.new_empty(c), x.new_empty(c), index
 
