@@ -425,3 +425,30 @@ def test_triton_kernels_compile_ahead_of_time():
         print(v)  # registers/spills in the test log (pytest -s / -rA)
         assert v["cubin"] > 0
         assert v["spill_bytes"] == 0, f"register spills in {v}"
+
+
+@pytest.mark.parametrize("given", ["weight", "bias"])
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_only_weight_or_only_bias_gradients(mode, given):
+    """Regression: the C++ autograd asked for the bias's needs_input_grad at the position it
+    has when weight is given too; with a bias and no weight that index does not exist
+    (autograd counts only the tensors passed) and the backward failed."""
+    from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 4, 6, 6, generator=gen, dtype=torch.float64).float().requires_grad_()
+    p = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).float().requires_grad_()
+    w, b = (p, None) if given == "weight" else (None, p)
+    if mode == "batch":
+        y = bn_act_pool(x, w, b, None, None, training=True)
+        ref = bn_act_pool_reference(x, w, b, None, None, training=True)
+    else:
+        y = gn_act_pool(x, w, b, 2)
+        # torch's own group_norm backward fails for a bias without a weight ("tensor does
+        # not have a device", torch 2.13): the reference gets the weight it implies, ones
+        ref = gn_act_pool_reference(x, torch.ones(4) if w is None else w, b, 2)
+    go = torch.randn(ref.shape, generator=gen, dtype=torch.float64).float()
+    got = torch.autograd.grad(y, [x, p], go)
+    want = torch.autograd.grad(ref, [x, p], go)
+    assert_close(got[0], want[0], "grad_x")
+    assert_close(got[1], want[1], f"grad_{given}")
