@@ -41,6 +41,23 @@ TORCH_LIBRARY(scaleinv, m) {
       "Tensor save_invstd, Tensor out, Tensor index, int groups, bool relu, int pool, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor? grad_weight, Tensor? grad_bias)");
 
+  // An input layer fused: grouped convolution (stride 1, dilation 1, zero padding < kernel,
+  // no bias, K = C_in/groups * KH * KW <= 32 taps) -> BatchNorm (training: batch statistics
+  // of the convolution's output; eval: the given mean and invstd) -> ReLU (if relu) -> 2x2
+  // max pool; the convolution's output is never stored. `moments` (float64 [groups, K, K+1]
+  // in training, [0] in eval) holds each group's patch Gram matrix and patch sum, from
+  // which the statistics and the backward's grad_conv_weight follow. No gradient for x.
+  // See scaleinv_kernels/ops/conv_norm_act.py for the full contract.
+  m.def(
+      "conv_bn_act_pool(Tensor x, Tensor conv_weight, int groups, int[2] padding, "
+      "Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, float eps, bool relu) "
+      "-> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor index, Tensor moments)");
+  m.def(
+      "conv_bn_act_pool_backward(Tensor grad_out, Tensor x, Tensor conv_weight, int groups, "
+      "int[2] padding, Tensor? weight, Tensor save_mean, Tensor save_invstd, Tensor out, "
+      "Tensor index, Tensor moments, bool training, bool relu, bool[3] output_mask) "
+      "-> (Tensor? grad_conv_weight, Tensor? grad_weight, Tensor? grad_bias)");
+
   // Direct grouped 2-D convolution, stride 1, dilation 1, zero padding <= kernel - 1,
   // for few input channels per group (an ensemble's first convolution); same result as
   // F.conv2d(x, weight, bias, 1, padding, 1, groups).
