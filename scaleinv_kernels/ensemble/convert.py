@@ -106,8 +106,13 @@ def fuse_norm_act(model: nn.Module) -> int:
     (→ MaxPool2d(kernel 2, stride 2)) into the norm running ``scaleinv::bn_act_pool``, and
     MemberGroupNorm → ReLU (→ MaxPool2d(2)) into ``scaleinv::gn_act_pool``; the
     ReLU and pool entries become ``nn.Identity`` (no state, so ``state_dict`` keys do not
-    change). Other code paths (a ``forward`` calling its modules itself) are left unfused:
-    without tracing, the order of calls is unknown. Returns the number of fusions."""
+    change). A MemberConv right before such a BatchNorm → ReLU → MaxPool2d(2) that
+    :meth:`MemberConv.can_fuse_into_norm` (an input layer: few taps, no bias) is fused in
+    as well: where its input needs no gradient the two run as ONE
+    ``scaleinv::conv_bn_act_pool`` (the conv stays in place, so state_dict keys do not
+    change either). Other code paths (a ``forward`` calling its modules itself) are left
+    unfused: without tracing, the order of calls is unknown. Returns the number of norm
+    fusions."""
     fused = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
@@ -123,6 +128,12 @@ def fuse_norm_act(model: nn.Module) -> int:
                     norm.fused_pool = 2
                     seq._modules[names[i + 2]] = nn.Identity()
                     step = 3
+                    conv = seq._modules[names[i - 1]] if i > 0 else None
+                    if (isinstance(norm, MemberBatchNorm) and isinstance(conv, MemberConv)
+                            and conv.can_fuse_into_norm()
+                            and conv.out_channels == norm.num_features):
+                        object.__setattr__(conv, "fused_norm", norm)
+                        object.__setattr__(norm, "fused_conv", conv)
                 fused += 1
                 i += step
             else:

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleinv_kernels._extension import extension_loaded
+from scaleinv_kernels.ops.conv_norm_act import MAX_TAPS as FUSED_CONV_MAX_TAPS
+from scaleinv_kernels.ops.conv_norm_act import conv_bn_act_pool
 from scaleinv_kernels.ops.direct_conv import SUPPORTED_DTYPES as DIRECT_DTYPES
 from scaleinv_kernels.ops.direct_conv import direct_conv2d
 from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
@@ -59,6 +61,9 @@ class MemberContext:
     shared: bool = False  # the network input was one batch [B, ...] for all members
     # direct_grads calls: id(param) -> this call's leaf for param[sel] (see Ensemble.forward)
     leaves: dict[int, Tensor] | None = None
+    # (conv, x): a MemberConv fused into the BatchNorm after it passed its input x on
+    # unconvolved (see MemberConv.defers); that norm consumes it
+    pending_conv: tuple[nn.Module, Tensor] | None = None
 
     @property
     def sel(self) -> slice:
@@ -191,11 +196,37 @@ class MemberConv(MemberLayer):
         n = len(convs)
         self.weight = _stacked_param([c.weight for c in convs], n)
         self.bias = _stacked_param([c.bias for c in convs], n)
+        # Set by the conversion when this conv feeds a BatchNorm2d fused with ReLU and
+        # MaxPool2d(2) (the norm's fused_conv): a plain attribute, not a submodule, so
+        # state_dict keys do not change.
+        object.__setattr__(self, "fused_norm", None)
 
     def extra_repr(self) -> str:
+        fused = ", fused into the next BatchNorm" if self.fused_norm is not None else ""
         return (f"{self.kind}, members={self.weight.shape[0]}, {self.in_channels}→"
                 f"{self.out_channels}, k={self.kernel_size}, stride={self.stride}, "
-                f"groups={self.groups}, bias={self.bias is not None}, impl={self.impl}")
+                f"groups={self.groups}, bias={self.bias is not None}, impl={self.impl}{fused}")
+
+    def can_fuse_into_norm(self) -> bool:
+        """An input-layer conv the fused ``scaleinv::conv_bn_act_pool`` covers: Conv2d,
+        ``conv_impl="auto"``, no bias, stride 1, dilation 1, padding < kernel, fewer than
+        4 input channels per group and at most FUSED_CONV_MAX_TAPS taps (C_in·KH·KW per
+        group). With more input channels the patch moments cost more than the conv."""
+        ci = self.in_channels // self.groups
+        kh, kw = self.kernel_size if self.spatial == 2 else (0, 0)
+        return (self.spatial == 2 and self.impl == "auto" and self.bias is None
+                and self.stride == (1, 1) and self.dilation == (1, 1)
+                and not isinstance(self.padding, str)
+                and all(0 <= p < k for p, k in zip(self.padding, self.kernel_size))
+                and ci < 4 and ci * kh * kw <= FUSED_CONV_MAX_TAPS)
+
+    def defers(self, x: Tensor) -> bool:
+        """True when this call leaves the convolution to the fused norm after it: CPU
+        float32/float64 input that needs no gradient (the fused op computes none for x),
+        with the compiled extension loaded."""
+        return (self.fused_norm is not None and x.device.type == "cpu"
+                and x.dtype in FUSED_NORM_DTYPES and extension_loaded()
+                and not (x.requires_grad and torch.is_grad_enabled()))
 
     def _direct_applies(self, x: Tensor) -> bool:
         return (self.spatial == 2 and x.device.type == "cpu" and x.dtype in DIRECT_DTYPES
@@ -225,6 +256,9 @@ class MemberConv(MemberLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
+        if self.defers(x):
+            c.pending_conv = (self, x)
+            return x
         w, b = self._p(self.weight), self._p(self.bias)
         m, bsz, o = c.m, c.batch, self.out_channels
         wf = w.reshape(m * o, *w.shape[2:])
@@ -336,6 +370,10 @@ class MemberBatchNorm(MemberLayer):
         # op scaleinv::bn_act_pool on the [B, m·C, H, W] view instead.
         self.fused_relu = False
         self.fused_pool = 0
+        # Set when, in addition, the MemberConv before it is fused in (ReLU and pool fused
+        # too): calls where that conv defers run scaleinv::conv_bn_act_pool. Not a
+        # submodule (the conv stays where it is in the Sequential and in state_dict).
+        object.__setattr__(self, "fused_conv", None)
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, members={self.ctx.n_members}, {self.num_features}, "
@@ -348,15 +386,21 @@ class MemberBatchNorm(MemberLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.ctx
-        x = c.folded(x, self.kind)
+        pending, c.pending_conv = c.pending_conv, None
+        conv_input = (pending is not None and pending[0] is self.fused_conv
+                      and pending[1] is x)
+        if not conv_input:
+            x = c.folded(x, self.kind)
+            xc, w, b = _as_channels(self, x, self.num_features, self.kind)
         m = c.m
-        xc, w, b = _as_channels(self, x, self.num_features, self.kind)
         rm, rv = self._p(self.running_mean), self._p(self.running_var)
         training = self.training or rm is None
         update = self.training and self.track_running_stats and rm is not None
         if update:
             nbt = self._p(self.num_batches_tracked)
             nbt.add_(1)
+        if conv_input:
+            return self._conv_forward(x, rm, rv, training, update)
         if self.fused_relu:
             # the fused kernels cover float32/float64; other dtypes (bf16, fp16) run the
             # same layer as torch's BN -> ReLU -> max-pool (the op's reference)
@@ -374,6 +418,30 @@ class MemberBatchNorm(MemberLayer):
                              None if rv is None else rv.view(-1), w, b, training,
                              0.0 if self.momentum is None else self.momentum, self.eps)
         return _refold(y, *x.shape)
+
+    def _conv_forward(self, x: Tensor, rm: Tensor | None, rv: Tensor | None, training: bool,
+                      update: bool) -> Tensor:
+        """conv → this norm → ReLU → MaxPool2d(2) as ONE scaleinv::conv_bn_act_pool on the
+        conv's input x (folded [B·m, C_in, H, W], or the shared batch [B, C_in, H, W] with
+        the members' filters side by side when the conv has groups=1)."""
+        c, conv = self.ctx, self.fused_conv
+        wc = conv._p(conv.weight)
+        wc = wc.reshape(c.m * conv.out_channels, *wc.shape[2:])
+        if c.is_shared(x) and conv.groups == 1:
+            xv, groups = x, 1
+        else:
+            x = c.folded(x, conv.kind)
+            xv = x.view(c.batch, c.m * conv.in_channels, *x.shape[2:])
+            groups = c.m * conv.groups
+        w, b = self._p(self.weight), self._p(self.bias)
+        y = conv_bn_act_pool(xv, wc, groups, conv.padding,
+                             None if w is None else w.reshape(-1),
+                             None if b is None else b.reshape(-1),
+                             None if rm is None else rm.view(-1),
+                             None if rv is None else rv.view(-1), training=training,
+                             momentum=self.momentum if update else 0.0, eps=self.eps,
+                             relu=True)
+        return _refold(y, c.batch * c.m, self.num_features, *y.shape[2:])
 
     @torch.no_grad()
     def _cumulative_update(self, xc: Tensor, rm: Tensor, rv: Tensor, nbt: Tensor) -> None:

@@ -664,6 +664,31 @@ if extension_loaded():
 # ----------------------------------------------------------------------------------
 
 
+def norm_stats_args(x: Tensor, c: int, running_mean: Tensor | None,
+                    running_var: Tensor | None, training: bool, eps: float, op: str
+                    ) -> tuple[Tensor | None, Tensor | None]:
+    """The op's ``(mean, invstd)`` for a BatchNorm layer over c channels: ``(None, None)``
+    (batch statistics) when ``training`` or without running statistics, else the running
+    mean and ``1/sqrt(running_var + eps)``. Shared by the layers of the BatchNorm ops."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}give both running_mean and running_var or neither")
+    if training or running_mean is None:
+        return None, None
+    _check_vec(op, "running_var", running_var, x, c)
+    return running_mean, torch.rsqrt(running_var + eps)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, save_mean: Tensor,
+                         save_invstd: Tensor, cnt: int, momentum: float, eps: float) -> None:
+    """``r ← (1−momentum)·r + momentum·s`` in place, as ``F.batch_norm`` does in training:
+    s the batch mean, resp. the unbiased batch variance recovered from the op's
+    ``save_invstd`` (``1/invstd² − eps``, times ``cnt/(cnt−1)``), cnt values per channel."""
+    with torch.no_grad():
+        var = save_invstd.double().pow(-2).sub_(eps).clamp_(min=0)
+        running_mean.mul_(1 - momentum).add_(save_mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (cnt / (cnt - 1))).to(running_var.dtype),
+                                            alpha=momentum)
+
 
 def bn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
@@ -678,15 +703,8 @@ def bn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     momentum·s`` with the unbiased batch variance for ``running_var``. Differentiable in
     x, weight and bias.
     """
-    if running_mean is None and running_var is not None or (
-            running_mean is not None and running_var is None):
-        raise ValueError("bn_act_pool: give both running_mean and running_var or neither")
-    use_batch = training or running_mean is None
-    if use_batch:
-        mean = invstd = None
-    else:
-        _check_vec("bn_act_pool: ", "running_var", running_var, x, x.shape[1])
-        mean, invstd = running_mean, torch.rsqrt(running_var + eps)
+    mean, invstd = norm_stats_args(x, x.shape[1], running_mean, running_var, training, eps,
+                                   "bn_act_pool: ")
     validate_forward(x, weight, bias, mean, invstd, eps, pool, op="bn_act_pool: ")
     if not extension_loaded():
         log_once("compiled extension not loaded; bn_act_pool runs the torch reference")
@@ -696,11 +714,6 @@ def bn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     out, save_mean, save_invstd, _ = torch.ops.scaleinv.bn_act_pool(
         x, weight, bias, mean, invstd, float(eps), bool(relu), int(pool))
     if training and running_mean is not None:
-        with torch.no_grad():
-            cnt = x.numel() // x.shape[1]
-            var = save_invstd.double().pow(-2).sub_(eps).clamp_(min=0)
-            running_mean.mul_(1 - momentum).add_(save_mean.to(running_mean.dtype),
-                                                 alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (cnt / (cnt - 1))).to(running_var.dtype),
-                                                alpha=momentum)
+        update_running_stats(running_mean, running_var, save_mean, save_invstd,
+                             x.numel() // x.shape[1], momentum, eps)
     return out

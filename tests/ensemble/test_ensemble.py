@@ -32,8 +32,11 @@ def randomize_buffers(model: nn.Module, gen: torch.Generator) -> nn.Module:
 
 
 def compare_with_loop(factory, m: int, x_shape, *, train: bool, shared: bool = False,
-                      conv_impl: str = "grouped", seed: int = 0, fuse: bool = True) -> None:
-    """ens(x) vs [member(i)(x[i])]: outputs, parameter grads and buffers afterwards."""
+                      conv_impl: str = "grouped", seed: int = 0, fuse: bool = True,
+                      input_grad: bool = True) -> None:
+    """ens(x) vs [member(i)(x[i])]: outputs, parameter grads and buffers afterwards (and
+    the input's gradient with ``input_grad``; without it x is data, as a network input
+    is, which lets an input-layer conv fuse into the norm after it)."""
     gen = torch.Generator().manual_seed(seed)
 
     def made():
@@ -43,7 +46,7 @@ def compare_with_loop(factory, m: int, x_shape, *, train: bool, shared: bool = F
     ens.train(train)
     members = [ens.member(i) for i in range(m)]  # copies taken before the ensemble runs
     x = torch.randn((m, *x_shape) if not shared else x_shape, generator=gen)
-    x.requires_grad_()
+    x.requires_grad_(input_grad)
     out = ens.forward_shared(x) if shared else ens(x)
     weights = torch.randn(out.shape, generator=gen)
     (out * weights).sum().backward()
@@ -51,7 +54,7 @@ def compare_with_loop(factory, m: int, x_shape, *, train: bool, shared: bool = F
     ens_params = dict(ens.net.named_parameters())
     ens_buffers = dict(ens.net.named_buffers())
     for i, member in enumerate(members):
-        xi = (x if shared else x[i]).detach().requires_grad_()
+        xi = (x if shared else x[i]).detach().requires_grad_(input_grad)
         oi = member(xi)
         (oi * weights[i]).sum().backward()
         input_grads.append(xi.grad)
@@ -65,8 +68,9 @@ def compare_with_loop(factory, m: int, x_shape, *, train: bool, shared: bool = F
             close(q.grad[i], p.grad, f"member {i} grad of {name}")
         for name, b in member.named_buffers():
             close(ens_buffers[name][i].double(), b.double(), f"member {i} buffer {name}")
-    expected = sum(input_grads) if shared else torch.stack(input_grads)
-    close(x.grad, expected, "input grad")
+    if input_grad:
+        expected = sum(input_grads) if shared else torch.stack(input_grads)
+        close(x.grad, expected, "input grad")
 
 
 def seq(*layers):
@@ -436,3 +440,69 @@ def test_retain_cpu_memory_applies_at_the_first_cpu_call(monkeypatch, retain):
     ens(torch.randn(2, 3, 1, 8, 8))
     ens.forward_shared(torch.randn(3, 1, 8, 8))
     assert len(calls) == (2 if retain else 0)
+
+
+CONV_FUSED_NETS = {
+    "cnn": (normalized_cnn, (4, 1, 12, 12)),
+    "cnn-odd": (normalized_cnn, (3, 1, 11, 9)),  # odd conv output: a dropped row and column
+    "rgb-affine": (lambda: nn.Sequential(  # 3 input channels (27 taps), affine BN, 5x5 next
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)), (5, 3, 13, 12)),
+    "grey-5x5-nopad": (lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 5, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3 * 4 * 3, 2)), (4, 1, 12, 11)),
+}
+
+
+def _count_fused_conv_calls(monkeypatch) -> list[int]:
+    from scaleinv_kernels.ensemble import layers
+
+    calls = [0]
+    real = layers.conv_bn_act_pool
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "conv_bn_act_pool", counted)
+    return calls
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-batch", "shared-batch"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("net", list(CONV_FUSED_NETS))
+def test_input_conv_fused_into_norm_matches_member_loop(net, train, shared, monkeypatch):
+    """Conv → BN → ReLU → MaxPool2d(2) on a network input that needs no gradient runs as
+    ONE scaleinv::conv_bn_act_pool, and the ensemble still equals the member loop
+    (outputs, every parameter gradient, running statistics)."""
+    calls = _count_fused_conv_calls(monkeypatch)
+    factory, shape = CONV_FUSED_NETS[net]
+    compare_with_loop(factory, 3, shape, train=train, shared=shared, input_grad=False,
+                      conv_impl="auto")
+    assert calls[0] == 1
+
+
+def test_input_conv_fusion_only_where_it_applies(monkeypatch):
+    calls = _count_fused_conv_calls(monkeypatch)
+    ens = Ensemble(normalized_cnn, 2, init="independent", seed=0)
+    net = ens.net
+    assert net.conv1.fused_norm is net.bn1 and net.bn1.fused_conv is net.conv1
+    assert net.conv2.fused_norm is None  # 16 input channels: not an input layer
+    assert net.conv3.fused_norm is None  # no pool after the third block
+    assert "fused into the next BatchNorm" in repr(net.conv1)
+    assert set(net.state_dict()) == set(normalized_cnn().state_dict())
+    x = torch.randn(2, 4, 1, 8, 8)
+    ens(x)
+    assert calls[0] == 1
+    ens(x.requires_grad_())  # the fused op computes no input gradient: unfused call
+    assert calls[0] == 1
+    with torch.no_grad():
+        ens(x)
+    assert calls[0] == 2
+    for kwargs in ({"fuse": False}, {"conv_impl": "direct"}):
+        other = Ensemble(normalized_cnn, 2, **kwargs).net
+        assert other.conv1.fused_norm is None and other.bn1.fused_conv is None
+    biased = Ensemble(lambda: nn.Sequential(nn.Conv2d(1, 2, 3, bias=True), nn.BatchNorm2d(2),
+                                            nn.ReLU(), nn.MaxPool2d(2)), 2).net
+    assert biased[0].fused_norm is None
