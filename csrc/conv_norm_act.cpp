@@ -219,6 +219,14 @@ struct FwdArgs {
   CbGeo g;
 };
 
+// The tap geometries the AVX-512 plane kernels are compiled for (index into their
+// tables): grey and RGB 3x3 (the CNN input layers), grey 5x5; 3 = any other (runtime
+// loops).
+inline int tap_variant(const CbGeo& g) {
+  if (g.KH == 3 && g.KW == 3) return g.Ci == 1 ? 0 : g.Ci == 3 ? 1 : 3;
+  return g.KH == 5 && g.KW == 5 && g.Ci == 1 ? 2 : 3;
+}
+
 #ifdef NA_HAVE_AVX512_KERNELS
 // The value at column 2*ow + e (+ 2 per lane) of padded row `row` (E/O rows of Ls floats).
 NA_AVX512_FN static inline __m512 cand(const float* eo_row, int64_t Ls, int64_t ow, int64_t e) {
@@ -266,12 +274,10 @@ NA_AVX512_FN static void conv_pool_plane_f32(const float* eo, const float* wc, f
 using ConvPoolPlaneFn = void (*)(const float*, const float*, float, float, float*, uint8_t*,
                                  const CbGeo&);
 
-// The compiled tap geometries: grey and RGB 3x3 (the CNN input layers), grey 5x5.
 NA_AVX512_FN static inline ConvPoolPlaneFn conv_pool_plane_for(const CbGeo& g) {
-  if (g.KH == 3 && g.KW == 3 && g.Ci == 1) return &conv_pool_plane_f32<1, 3, 3>;
-  if (g.KH == 3 && g.KW == 3 && g.Ci == 3) return &conv_pool_plane_f32<3, 3, 3>;
-  if (g.KH == 5 && g.KW == 5 && g.Ci == 1) return &conv_pool_plane_f32<1, 5, 5>;
-  return &conv_pool_plane_f32<0, 0, 0>;
+  static const ConvPoolPlaneFn fns[] = {&conv_pool_plane_f32<1, 3, 3>, &conv_pool_plane_f32<3, 3, 3>, &conv_pool_plane_f32<1, 5, 5>,
+                               &conv_pool_plane_f32<0, 0, 0>};
+  return fns[tap_variant(g)];
 }
 #endif
 
@@ -412,10 +418,9 @@ using SumsPlaneFn = void (*)(const float*, const float*, float, float, const flo
                              const float*, const uint8_t*, const CbGeo&, double*);
 
 NA_AVX512_FN static inline SumsPlaneFn sums_plane_for(const CbGeo& g) {
-  if (g.KH == 3 && g.KW == 3 && g.Ci == 1) return &sums_plane_f32<1, 3, 3>;
-  if (g.KH == 3 && g.KW == 3 && g.Ci == 3) return &sums_plane_f32<3, 3, 3>;
-  if (g.KH == 5 && g.KW == 5 && g.Ci == 1) return &sums_plane_f32<1, 5, 5>;
-  return &sums_plane_f32<0, 0, 0>;
+  static const SumsPlaneFn fns[] = {&sums_plane_f32<1, 3, 3>, &sums_plane_f32<3, 3, 3>, &sums_plane_f32<1, 5, 5>,
+                               &sums_plane_f32<0, 0, 0>};
+  return fns[tap_variant(g)];
 }
 #endif
 
@@ -506,21 +511,9 @@ CN_INLINE void moment_items(const MomArgs<T>& a, int64_t i0, int64_t i1) {
   }
 }
 
-#define CN_CLONES(NAME, ARGS, BODY)                                                       \
-  template <typename T>                                                                  \
-  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }     \
-  template <typename T>                                                                  \
-  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {      \
-    BODY(a, lo, hi);                                                                     \
-  }                                                                                      \
-  template <typename T>                                                                  \
-  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {  \
-    BODY(a, lo, hi);                                                                     \
-  }
-
-CN_CLONES(fwd_items, FwdArgs, forward_items)
-CN_CLONES(bwd_items, BwdArgs, backward_items)
-CN_CLONES(mom_items, MomArgs, moment_items)
+SCALEINV_ISA_CLONES(fwd_items, FwdArgs, forward_items)
+SCALEINV_ISA_CLONES(bwd_items, BwdArgs, backward_items)
+SCALEINV_ISA_CLONES(mom_items, MomArgs, moment_items)
 
 // ---- validation ------------------------------------------------------------------
 

@@ -27,6 +27,21 @@
 #define SCALEINV_TARGET_AVX2
 #endif
 
+// A kernel's range function BODY(args, lo, hi) compiled as three whole functions,
+// NAME_default / NAME_avx2 / NAME_avx512 (the always_inline bodies are compiled into
+// each with its target attribute), for pick_build to choose from.
+#define SCALEINV_ISA_CLONES(NAME, ARGS, BODY)                                             \
+  template <typename T>                                                                  \
+  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }     \
+  template <typename T>                                                                  \
+  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {      \
+    BODY(a, lo, hi);                                                                     \
+  }                                                                                      \
+  template <typename T>                                                                  \
+  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {  \
+    BODY(a, lo, hi);                                                                     \
+  }
+
 namespace scaleinv {
 
 // ATen's CPU capability, read once: 0 default, 1 AVX2, 2 AVX-512.

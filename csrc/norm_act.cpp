@@ -667,23 +667,11 @@ NA_INLINE void gn_backward_blocks(const BwdArgs<T>& a, int64_t b0, int64_t b1) {
 // Whole functions with a target attribute (the always_inline bodies above are compiled
 // into each); the one matching ATen's CPU capability runs.
 
-#define NA_CLONES(NAME, ARGS, BODY)                                                        \
-  template <typename T>                                                                       \
-  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY(a, lo, hi); }          \
-  template <typename T>                                                                       \
-  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {           \
-    BODY(a, lo, hi);                                                                          \
-  }                                                                                           \
-  template <typename T>                                                                       \
-  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {       \
-    BODY(a, lo, hi);                                                                          \
-  }
-
-NA_CLONES(fwd_groups, FwdArgs, forward_groups)
-NA_CLONES(fwd_planes, FwdArgs, forward_planes)
-NA_CLONES(bwd_groups, BwdArgs, backward_groups)
-NA_CLONES(gn_fwd_blocks, GnFwdArgs, gn_forward_blocks)
-NA_CLONES(gn_bwd_blocks, BwdArgs, gn_backward_blocks)
+SCALEINV_ISA_CLONES(fwd_groups, FwdArgs, forward_groups)
+SCALEINV_ISA_CLONES(fwd_planes, FwdArgs, forward_planes)
+SCALEINV_ISA_CLONES(bwd_groups, BwdArgs, backward_groups)
+SCALEINV_ISA_CLONES(gn_fwd_blocks, GnFwdArgs, gn_forward_blocks)
+SCALEINV_ISA_CLONES(gn_bwd_blocks, BwdArgs, gn_backward_blocks)
 
 
 // The intrinsics kernels run where ATen runs its AVX-512 kernels (SCALEINV_NO_AVX512=1
