@@ -275,8 +275,8 @@ using ConvPoolPlaneFn = void (*)(const float*, const float*, float, float, float
                                  const CbGeo&);
 
 NA_AVX512_FN static inline ConvPoolPlaneFn conv_pool_plane_for(const CbGeo& g) {
-  static const ConvPoolPlaneFn fns[] = {&conv_pool_plane_f32<1, 3, 3>, &conv_pool_plane_f32<3, 3, 3>, &conv_pool_plane_f32<1, 5, 5>,
-                               &conv_pool_plane_f32<0, 0, 0>};
+  static const ConvPoolPlaneFn fns[] = {&conv_pool_plane_f32<1, 3, 3>, &conv_pool_plane_f32<3, 3, 3>,
+                                &conv_pool_plane_f32<1, 5, 5>, &conv_pool_plane_f32<0, 0, 0>};
   return fns[tap_variant(g)];
 }
 #endif
@@ -418,8 +418,8 @@ using SumsPlaneFn = void (*)(const float*, const float*, float, float, const flo
                              const float*, const uint8_t*, const CbGeo&, double*);
 
 NA_AVX512_FN static inline SumsPlaneFn sums_plane_for(const CbGeo& g) {
-  static const SumsPlaneFn fns[] = {&sums_plane_f32<1, 3, 3>, &sums_plane_f32<3, 3, 3>, &sums_plane_f32<1, 5, 5>,
-                               &sums_plane_f32<0, 0, 0>};
+  static const SumsPlaneFn fns[] = {&sums_plane_f32<1, 3, 3>, &sums_plane_f32<3, 3, 3>,
+                                &sums_plane_f32<1, 5, 5>, &sums_plane_f32<0, 0, 0>};
   return fns[tap_variant(g)];
 }
 #endif
