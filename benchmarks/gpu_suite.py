@@ -13,7 +13,9 @@
    counted) measured in the same run.
 
 4. The fused ``bn_act_pool`` op on CUDA (Triton) against its torch reference (max
-   relative differences) and its forward+backward time next to torch's three ops; then
+   relative differences) and its forward+backward time next to torch's three ops; the
+   same for ``gn_act_pool``, ``direct_conv2d`` (correctness only) and the fused input
+   layer ``conv_bn_act_pool`` (against conv2d → the three ops); then
    one training step of M = 500 copies of the normalized CNN (``ensemble_cases.py``):
    Ensemble + FusedSGDWD in one pass vs an eager loop of 500 models vs torch.func vmap,
    timed with CUDA events (median of a few steps; skipped past the budget).
@@ -256,6 +258,35 @@ def check_direct_conv(device: str, seed: int = 0) -> dict:
             / (float(ref.detach().abs().max()) or 1.0) for k, ref in results["conv2d"].items()}
 
 
+def check_conv_norm_act(device: str, seed: int = 0) -> dict:
+    """Fused ``conv_bn_act_pool`` (training, affine, ReLU; 3 members x 1 -> 4 channels,
+    3x3, padding 1, odd 9x7 planes; on CUDA the op's torch-op implementation) against
+    ``F.conv2d`` → ``bn_act_pool_reference`` in float64 on ``device``: max relative
+    differences of out, the three gradients and the running statistics."""
+    import torch
+
+    from scaleinv_kernels.ops.conv_norm_act import conv_bn_act_pool, conv_bn_act_pool_reference
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(5, 3, 9, 7, generator=g).to(device)
+    cw0 = torch.randn(12, 1, 3, 3, generator=g).to(device)
+    w0 = (torch.rand(12, generator=g) + 0.5).to(device)
+    b0 = torch.randn(12, generator=g).to(device)
+    gy = torch.randn(5, 12, 4, 3, generator=g).to(device)
+    results = {}
+    for name, fn, dtype in (("fused", conv_bn_act_pool, torch.float32),
+                            ("reference", conv_bn_act_pool_reference, torch.float64)):
+        cw, w, b = (t.to(dtype).clone().requires_grad_() for t in (cw0, w0, b0))
+        rm = torch.zeros(12, device=device, dtype=dtype)
+        rv = torch.ones(12, device=device, dtype=dtype)
+        out = fn(x0.to(dtype), cw, 3, (1, 1), w, b, rm, rv, training=True, momentum=0.1)
+        out.backward(gy.to(dtype))
+        results[name] = dict(out=out, dconv=cw.grad, dw=w.grad, db=b.grad, rm=rm, rv=rv)
+    return {k: float((results["fused"][k].double() - ref).detach().abs().max())
+            / (float(ref.detach().abs().max()) or 1.0)
+            for k, ref in results["reference"].items()}
+
+
 def cuda_median_ms(step, steps: int) -> float:
     """Median ms of ``step()`` over ``steps`` calls timed with CUDA events, after one
     warm-up call."""
@@ -308,6 +339,36 @@ def time_gn_act(shape: tuple[int, ...] = (64, 64 * 16, 28, 28), groups: int = 64
     for name, fn in (("fused", gn_act_pool), ("torch", gn_act_pool_reference)):
         def step(fn=fn):
             fn(x, None, None, groups).backward(gy)
+
+        out[name] = cuda_median_ms(step, steps)
+    return out
+
+
+def time_conv_norm_act(members: int = 64, steps: int = 5) -> dict:
+    """ms per forward+backward (CUDA events, median) of ``conv_bn_act_pool`` and of
+    ``F.conv2d`` → torch's batch_norm → relu → max_pool2d: the input layer of ``members``
+    grey CNNs (1 -> 16 channels each, 3x3, batch 64, 28x28), weight gradient only."""
+    import torch
+    import torch.nn.functional as F
+
+    from scaleinv_kernels.ops.conv_norm_act import conv_bn_act_pool
+    from scaleinv_kernels.ops.norm_act import bn_act_pool_reference
+
+    x = torch.randn(64, members, 28, 28, device="cuda")
+    cw = torch.randn(members * 16, 1, 3, 3, device="cuda", requires_grad=True)
+    gy = torch.randn(64, members * 16, 14, 14, device="cuda")
+
+    def unfused(x, cw, groups, padding, weight, bias, rm, rv, *, training):
+        y = F.conv2d(x, cw, None, 1, padding, 1, groups)
+        return bn_act_pool_reference(y, weight, bias, rm, rv, training=training)
+
+    out = {}
+    for name, fn in (("fused", conv_bn_act_pool), ("torch", unfused)):
+        rm = torch.zeros(members * 16, device="cuda")
+        rv = torch.ones(members * 16, device="cuda")
+
+        def step(fn=fn, rm=rm, rv=rv):
+            fn(x, cw, members, (1, 1), None, None, rm, rv, training=True).backward(gy)
 
         out[name] = cuda_median_ms(step, steps)
     return out
@@ -398,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      budget spent: {key} skipped", flush=True)
             break
         out["cases"].append(bench_case(key, args.rounds, deadline))
-    print("[4/4] fused bn_act_pool, gn_act_pool and direct_conv2d vs references on CUDA; "
+    print("[4/4] fused bn_act_pool, gn_act_pool, direct_conv2d and conv_bn_act_pool vs "
+          "references on CUDA; "
           "ensemble step, "
           f"M={args.members}", flush=True)
     try:
@@ -416,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # report and go on
         out["direct_conv"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     print(f"      direct_conv2d: {out['direct_conv']}", flush=True)
+    try:
+        out["conv_norm_act"] = {"max_rel_diff": check_conv_norm_act("cuda"),
+                                "ms": time_conv_norm_act()}
+    except Exception as err:  # report and go on
+        out["conv_norm_act"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    print(f"      conv_bn_act_pool: {out['conv_norm_act']}", flush=True)
     out["ensemble"] = bench_ensemble(args.members, deadline + 40.0)
     out["seconds"] = time.monotonic() - start
     if args.json is not None:
@@ -442,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bn_act_pool [64, 1024, 28, 28] fwd+bwd: {out['norm_act']}")
     print(f"gn_act_pool [64, 1024, 28, 28], 256 groups, fwd+bwd: {out['gn_act']}")
     print(f"direct_conv2d vs F.conv2d: {out['direct_conv']}")
+    print(f"conv_bn_act_pool, 64 members 1 -> 16 ch, [64, 64, 28, 28] fwd+bwd: "
+          f"{out['conv_norm_act']}")
     print(format_ensemble(out["ensemble"], args.members))
     # rc 5: pytest collected no test (no CUDA tests yet), not a failure of this suite
     failed = (tests["rc"] not in (0, None, 5) or tests["summary"].startswith("timed out")

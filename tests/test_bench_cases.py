@@ -156,6 +156,15 @@ def test_gpu_suite_direct_conv_check_runs_on_cpu() -> None:
     assert all(d <= 1e-5 for d in diff.values()), diff
 
 
+def test_gpu_suite_conv_norm_act_check_runs_on_cpu() -> None:
+    """The GPU suite's conv_bn_act_pool comparison, run on the C++ kernel: float32 against
+    the float64 reference, tiny differences."""
+    suite = _bench_module("gpu_suite")
+    diff = suite.check_conv_norm_act("cpu")
+    assert set(diff) == {"out", "dconv", "dw", "db", "rm", "rv"}
+    assert all(d <= 1e-5 for d in diff.values()), diff
+
+
 def test_ensemble_cases_every_variant_steps_and_matches_the_loop() -> None:
     """Every variant of the ensemble benchmark runs a training step (M=2, one of them in
     chunks of 1 with direct_grads), and one ensemble step equals the eager loop's."""
