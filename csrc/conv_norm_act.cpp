@@ -49,6 +49,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_isa.h"
 #include "window_kernels.h"
 
@@ -517,12 +518,6 @@ SCALEINV_ISA_CLONES(mom_items, MomArgs, moment_items)
 
 // ---- validation ------------------------------------------------------------------
 
-std::string sizes_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
 CbGeo check_conv(const char* op, const at::Tensor& x, const at::Tensor& cw, int64_t groups,
                  at::IntArrayRef padding) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
@@ -532,10 +527,10 @@ CbGeo check_conv(const char* op, const at::Tensor& x, const at::Tensor& cw, int6
   TORCH_CHECK_VALUE(x.layout() == at::kStrided && x.device().is_cpu() &&
                         cw.layout() == at::kStrided && cw.device().is_cpu(),
                     op, "x and conv_weight must be dense CPU tensors");
-  TORCH_CHECK_VALUE(x.dim() == 4, op, "x must be [N, C, H, W], got shape ", sizes_str(x));
+  TORCH_CHECK_VALUE(x.dim() == 4, op, "x must be [N, C, H, W], got shape ", shape_str(x));
   TORCH_CHECK_VALUE(cw.dim() == 4, op,
                     "conv_weight must be [C_out, C_in/groups, KH, KW], got shape ",
-                    sizes_str(cw));
+                    shape_str(cw));
   TORCH_CHECK_VALUE(groups >= 1, op, "groups must be >= 1, got ", groups);
   TORCH_CHECK_VALUE(padding.size() == 2, op, "padding must have 2 entries, got ",
                     padding.size());
@@ -581,17 +576,6 @@ CbGeo check_conv(const char* op, const at::Tensor& x, const at::Tensor& cw, int6
   return g;
 }
 
-void check_channel_vec(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                       const at::Tensor& x, int64_t C) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, op, name, " must have shape [C] = [", C,
-                    "], got ", sizes_str(*t));
-  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, name, " must have x's dtype ",
-                   x.scalar_type(), ", got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->device().is_cpu() && t->layout() == at::kStrided, op, name,
-                    " must be a dense CPU tensor");
-}
-
 std::vector<int64_t> pooled_shape(const CbGeo& g) { return {g.N, g.C, g.pool.Ho, g.pool.Wo}; }
 
 template <typename T>
@@ -622,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_a
   if (training) {
     TORCH_CHECK_VALUE(eps >= 0, op, "eps must be >= 0, got ", eps);
     TORCH_CHECK_VALUE(cnt > 1, op, "training needs more than 1 value per channel (N*Hc*Wc > 1)",
-                      ", got x of shape ", sizes_str(x_in));
+                      ", got x of shape ", shape_str(x_in));
   }
   const at::Tensor x = x_in.contiguous(), cw = cw_in.contiguous();
   const at::Tensor out = at::empty(pooled_shape(g), x.options());
@@ -716,8 +700,8 @@ conv_bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x
                         out_in.sizes() == at::IntArrayRef(ps) &&
                         index_in.sizes() == at::IntArrayRef(ps),
                     op, "grad_out, out and index must have the output's shape ",
-                    at::IntArrayRef(ps), ", got ", sizes_str(grad_out_in), ", ",
-                    sizes_str(out_in), " and ", sizes_str(index_in));
+                    at::IntArrayRef(ps), ", got ", shape_str(grad_out_in), ", ",
+                    shape_str(out_in), " and ", shape_str(index_in));
   TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type() &&
                        out_in.scalar_type() == x_in.scalar_type() &&
                        index_in.scalar_type() == at::kByte,
@@ -728,7 +712,7 @@ conv_bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x
                           moments_in.sizes() == at::IntArrayRef({g.G, g.K, g.K + 1}),
                       op, "training: moments must be the forward's float64 [groups, K, K+1] = [",
                       g.G, ", ", g.K, ", ", g.K + 1, "], got ", moments_in.scalar_type(), " ",
-                      sizes_str(moments_in));
+                      shape_str(moments_in));
   }
   const bool want_cw = output_mask[0];
   const bool want_w = output_mask[1] && weight.has_value(), want_b = output_mask[2];

@@ -48,6 +48,7 @@
 #include <immintrin.h>
 #endif
 
+#include "checks.h"
 #include "cpu_isa.h"
 
 namespace scaleinv {
@@ -339,12 +340,6 @@ int64_t grain(int64_t per_item, int64_t items) {
 }
 
 // ---- validation ------------------------------------------------------------------
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << s;
-  return os.str();
-}
 
 ConvGeo check(const char* op, const at::Tensor& x, const at::Tensor& w,
               const std::optional<at::Tensor>& bias, int64_t groups, at::IntArrayRef padding) {

@@ -43,6 +43,7 @@
 #include <immintrin.h>
 #endif
 
+#include "checks.h"
 #include "cpu_isa.h"
 #include "window_kernels.h"
 
@@ -739,12 +740,6 @@ XhatSource<T> xhat_source(const T* w, const T* b, const T* mean, const T* invstd
 
 // ---- validation ------------------------------------------------------------------
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
 Geo check_x(const char* op, const at::Tensor& x, int64_t pool, bool relu) {
   TORCH_CHECK_VALUE(pool == 0 || pool == 2, op, "pool must be 0 (none) or 2 (2x2 max pool), got ",
                     pool);
@@ -778,16 +773,6 @@ Geo check_x(const char* op, const at::Tensor& x, int64_t pool, bool relu) {
   }
   g.HWo = g.Ho * g.Wo;
   return g;
-}
-
-void check_vec(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-               int64_t C) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, op, name, " must have shape [C] = [", C,
-                    "], got ", shape_str(t));
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, name, " must have x's dtype ",
-                   x.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device() && t.layout() == at::kStrided, op, name,
-                    " must be a dense tensor on x's device");
 }
 
 template <typename T>
@@ -866,11 +851,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
                     "give both mean and invstd (eval mode) or neither (training mode)");
   const bool training = !mean.has_value();
   std::optional<at::Tensor> w, b, m, is;
-  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
-  if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
+  check_channel_vec(op, "weight", weight, x_in, g.C);
+  if (weight.has_value()) w = weight->contiguous();
+  check_channel_vec(op, "bias", bias, x_in, g.C);
+  if (bias.has_value()) b = bias->contiguous();
   if (!training) {
-    check_vec(op, "mean", *mean, x_in, g.C);
-    check_vec(op, "invstd", *invstd, x_in, g.C);
+    check_channel_vec(op, "mean", *mean, x_in, g.C);
+    check_channel_vec(op, "invstd", *invstd, x_in, g.C);
     m = mean->contiguous();
     is = invstd->contiguous();
   } else {
@@ -941,10 +928,12 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const Geo g = check_x(op, x_in, pool, relu);
   check_backward_inputs(op, g, x_in, grad_out_in, out_in, index_in);
   std::optional<at::Tensor> w, b;
-  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
-  if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
-  check_vec(op, "save_mean", save_mean, x_in, g.C);
-  check_vec(op, "save_invstd", save_invstd, x_in, g.C);
+  check_channel_vec(op, "weight", weight, x_in, g.C);
+  if (weight.has_value()) w = weight->contiguous();
+  check_channel_vec(op, "bias", bias, x_in, g.C);
+  if (bias.has_value()) b = bias->contiguous();
+  check_channel_vec(op, "save_mean", save_mean, x_in, g.C);
+  check_channel_vec(op, "save_invstd", save_invstd, x_in, g.C);
   const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
                    out = out_in.contiguous(), mean = save_mean.contiguous(),
                    invstd = save_invstd.contiguous();
@@ -993,8 +982,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_act_pool_cpu(
   check_groups(op, g, groups);
   TORCH_CHECK_VALUE(eps >= 0, op, "eps must be >= 0, got ", eps);
   std::optional<at::Tensor> w, b;
-  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
-  if (bias.has_value()) { check_vec(op, "bias", *bias, x_in, g.C); b = bias->contiguous(); }
+  check_channel_vec(op, "weight", weight, x_in, g.C);
+  if (weight.has_value()) w = weight->contiguous();
+  check_channel_vec(op, "bias", bias, x_in, g.C);
+  if (bias.has_value()) b = bias->contiguous();
   const at::Tensor x = x_in.contiguous();
   at::Tensor out, index;
   std::tie(out, index) = empty_outputs(x, g);
@@ -1040,7 +1031,8 @@ gn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                     op, "save_mean and save_invstd must have shape [N, groups] = [", g.N, ", ",
                     groups, "], got ", shape_str(save_mean), " and ", shape_str(save_invstd));
   std::optional<at::Tensor> w;
-  if (weight.has_value()) { check_vec(op, "weight", *weight, x_in, g.C); w = weight->contiguous(); }
+  check_channel_vec(op, "weight", weight, x_in, g.C);
+  if (weight.has_value()) w = weight->contiguous();
   const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
                    out = out_in.contiguous(), mean = save_mean.contiguous(),
                    invstd = save_invstd.contiguous();

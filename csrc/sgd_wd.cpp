@@ -31,6 +31,7 @@
 #include <sstream>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_isa.h"
 
 namespace scaleinv {
@@ -217,12 +218,6 @@ void run_typed(const Work& w, double momentum, double dampening, bool nesterov, 
   if (mom) return run_isa<T, true, false>(w, h, partial);
   if (stats) return run_isa<T, false, true>(w, h, partial);
   return run_isa<T, false, false>(w, h, partial);
-}
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
 }
 
 void sgd_wd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
