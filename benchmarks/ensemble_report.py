@@ -5,7 +5,10 @@
 Every variant of ``ensemble_cases.py`` is timed round-robin in this one process
 (medians of the interleaved repeats), next to the machine's fp32 matmul ceiling
 measured in the same run; convolution FLOPs per step are counted so that the table
-also says how close each variant gets to that ceiling.
+also says how close each variant gets to that ceiling. Speed-ups are given twice: the
+ratio of the medians, and the median (IQR) over the rounds of the ratio within one round
+(the 2-core benchmark VM has slow spells of seconds that hit whichever variant is
+running; within a round the variants run seconds apart).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 
 import torch
 from ensemble_cases import BATCH, BUILDERS, HW, VARIANTS, check_same_update
-from sgd_wd_cases import interleaved
+from sgd_wd_cases import interleaved, paired_ratio
 
 CONVS = ((1, 16, HW), (16, 32, HW // 2), (32, 32, HW // 4))  # (C_in, C_out, H=W), 3×3
 
@@ -33,6 +36,17 @@ def conv_flops_per_member_step() -> float:
     return total
 
 
+def _speedup(t: dict, ref: str, key: str) -> str:
+    """``ref``'s median / ``key``'s median, then the median and IQR of the same ratio
+    taken within each round (see ``paired_ratio``)."""
+    if ref not in t:
+        return "–"
+    if ref == key:
+        return "1.00×"
+    med, lo, hi = paired_ratio(t[ref], t[key])
+    return f"{t[ref].median / t[key].median:.2f}× (per round {med:.2f}×, {lo:.2f}–{hi:.2f})"
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     timing = interleaved({"mm": lambda: torch.mm(a, b)}, repeats=repeats, min_time=0.3)
@@ -42,7 +56,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", nargs="+", type=int, default=[8, 64])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--variants", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--norm", choices=["batch", "group"], default="batch",
                         help="the CNN's normalization (group: GroupNorm(4), fused as "
@@ -73,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             med = base[k]
             lo, hi = t[k].iqr
             gf = flops * m / med / 1e9
-            vs_loop = f"{base['eager_loop'] / med:.2f}×" if "eager_loop" in base else "–"
-            vs_vmap = f"{base['vmap'] / med:.2f}×" if "vmap" in base else "–"
+            vs_loop, vs_vmap = (_speedup(t, ref, k) for ref in ("eager_loop", "vmap"))
             lines.append(f"| {VARIANTS[k]} | {1e3 * med:.1f} ({1e3 * lo:.1f}–{1e3 * hi:.1f}) | "
                          f"{m / med:.0f} | {gf:.1f} ({100 * gf / peak:.0f} %) | {vs_loop} | "
                          f"{vs_vmap} |")

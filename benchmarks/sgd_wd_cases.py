@@ -277,6 +277,23 @@ class Timing:
         return q[0], q[2]
 
 
+def paired_ratio(num: Timing, den: Timing) -> tuple[float, float, float]:
+    """Median and quartiles over the rounds of ``num``'s sample / ``den``'s sample of the
+    SAME round of :func:`interleaved` (the two ran seconds apart): a speed-up that a slow
+    spell of the machine, hitting a few rounds of every entry, moves much less than the
+    ratio of the two medians."""
+    if num.quartiles is not None or den.quartiles is not None:
+        raise ValueError("paired_ratio needs per-round samples, not quartiles")
+    if len(num.samples) != len(den.samples):
+        raise ValueError(f"paired_ratio: {num.key} has {len(num.samples)} rounds, "
+                         f"{den.key} {len(den.samples)}")
+    r = [a / b for a, b in zip(num.samples, den.samples)]
+    if len(r) < 2:
+        return r[0], r[0], r[0]
+    q = statistics.quantiles(r, n=4, method="inclusive")
+    return statistics.median(r), q[0], q[2]
+
+
 def interleaved(entries: dict[str, Callable[[], None]], repeats: int = 9,
                 min_time: float = 0.25, warmup: int = 2, max_calls: int = 10**6,
                 flush: Callable[[], None] | None = None,

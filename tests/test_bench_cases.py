@@ -118,6 +118,18 @@ def test_triad_counts_bytes(cases) -> None:
     assert torch.equal(triad.a, torch.full((8,), 2.0))  # 1 + 0.5 * 2
 
 
+def test_paired_ratio_divides_within_rounds(cases) -> None:
+    """A slow spell that hits both entries of one round leaves that round's ratio alone."""
+    slow = cases.Timing("slow", [2.0, 4.0, 20.0, 2.0, 2.0], 1)
+    fast = cases.Timing("fast", [1.0, 2.0, 10.0, 1.0, 0.5], 1)
+    med, lo, hi = cases.paired_ratio(slow, fast)
+    assert (med, lo, hi) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="rounds"):
+        cases.paired_ratio(slow, cases.Timing("short", [1.0], 1))
+    with pytest.raises(ValueError, match="quartiles"):
+        cases.paired_ratio(slow, cases.Timing("q", [], 1, quartiles=(1.0, 2.0, 3.0)))
+
+
 def test_gpu_suite_without_cuda(capsys) -> None:
     gpu = _bench_module("gpu_suite")
     if torch.cuda.is_available():
