@@ -43,7 +43,9 @@ Contract (same for every backend)::
   use it per channel where it is well conditioned (:func:`xhat_source`: in float32 the
   recovered x̂ is off by about 2⁻²⁴·(|mean|·invstd + |b|/|w|), the forward's own
   rounding, and that bound must be ≤ 8·2⁻²⁴) and read x at the argmax elsewhere (a mean
-  far from 0 in standard deviations, a large bias, w = 0). The torch backend
+  far from 0 in standard deviations, a large bias, w = 0); on tiny planes without
+  pooling (≤ 144 B each, run as flat passes over channel groups) the C++ kernel reads x
+  on every channel, as its dx pass reads x anyway. The torch backend
   (:func:`bn_act_pool_backward_torch`, the reference) always reads x.
 
 GroupNorm is the second mode, a separate op (``scaleinv::gn_act_pool``,

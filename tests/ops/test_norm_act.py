@@ -32,6 +32,11 @@ CASES = [
     ((3, 4, 1, 1), 0),
     ((2, 3, 9), 0),
     ((2, 3, 5, 5), 0),
+    # without pool the C++ kernel runs tiny planes (<= 144 B) as flat runs of a channel
+    # group, larger ones plane by plane (csrc/norm_act.cpp, flat_runs): both routes
+    ((6, 37, 5, 5), 0),  # groups of several 25-value planes, flat
+    ((5, 7), 0),  # BatchNorm1d-like [N, C], flat
+    ((6, 37, 7, 7), 0),  # the ensemble's last layer: plane by plane
 ]
 MOMENTUM, EPS = 0.1, 1e-5
 
@@ -242,7 +247,9 @@ def _conditioning_case(pool, relu):
 def test_backward_xhat_source(pool, relu, backend):
     """The sums take x̂ from out on well-conditioned channels and from x elsewhere: both
     match the float64 reference, and perturbing out (same signs) moves grad_weight on
-    exactly the channels xhat_source picks."""
+    exactly the channels xhat_source picks. Exception: the C++ kernel's flat runs for
+    small planes without pooling (csrc/norm_act.cpp, flat_runs) read x on every channel,
+    so there out's magnitude moves nothing."""
     x, w, b, go, (out, sm, si, idx) = _conditioning_case(pool, relu)
     from_out = na.xhat_source(w, b, sm, si)[0]
     assert from_out.tolist() == [True, False, False, False, True, True]
@@ -262,7 +269,8 @@ def test_backward_xhat_source(pool, relu, backend):
         assert_close(g, r, f"{backend} {name}")
     moved = bwd(torch.where(out > 0, out * 1.01, out))
     changed = moved[1] != got[1]
-    assert changed.tolist() == from_out.tolist()
+    flat = backend == "cpp" and pool == 0  # [8, 6, 3, 10]: 120-byte planes
+    assert changed.tolist() == ([False] * 6 if flat else from_out.tolist())
     assert_bitwise(moved[2], got[2], "grad bias does not depend on out's magnitude")
 
 
