@@ -633,11 +633,10 @@ NA_INLINE void backward_group_flat(const BwdArgs<T>& a, int64_t c0, int64_t c1) 
   std::vector<double> s1(L, 0.0), s2(L, 0.0);
   for (int64_t i = 0; i < L; ++i) mu[i] = a.mean[c0 + i / HW];
   const T* __restrict__ mup = mu.data();
+  const auto run = [&](const T* p, int64_t n) { return p + (n * g.C + c0) * HW; };
   for (int64_t n = 0; n < g.N; ++n) {
-    const int64_t off = (n * g.C + c0) * HW;
-    const T* __restrict__ x = a.x + off;
-    const T* __restrict__ go = a.gout + off;
-    const T* __restrict__ o = a.out + off;
+    const T *__restrict__ x = run(a.x, n), *__restrict__ go = run(a.gout, n),
+                          *__restrict__ o = run(a.out, n);
     double* __restrict__ p1 = s1.data();
     double* __restrict__ p2 = s2.data();
 #pragma omp simd
@@ -666,11 +665,9 @@ NA_INLINE void backward_group_flat(const BwdArgs<T>& a, int64_t c0, int64_t c1) 
   const T* __restrict__ k0p = k0.data();
   const T* __restrict__ k2p = k2.data();
   for (int64_t n = 0; n < g.N; ++n) {
-    const int64_t off = (n * g.C + c0) * HW;
-    const T* __restrict__ x = a.x + off;
-    const T* __restrict__ go = a.gout + off;
-    const T* __restrict__ o = a.out + off;
-    T* __restrict__ dx = a.dx + off;
+    const T *__restrict__ x = run(a.x, n), *__restrict__ go = run(a.gout, n),
+                          *__restrict__ o = run(a.out, n);
+    T* __restrict__ dx = a.dx + (n * g.C + c0) * HW;
 #pragma omp simd
     for (int64_t i = 0; i < L; ++i) {
       T gv = go[i];
