@@ -326,7 +326,11 @@ def _brute_moments(x, kh, kw, groups, padding):
     return torch.cat([gram, p.sum(-1, keepdim=True)], 2)
 
 
-MOMENT_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], CASES[10], CASES[12]]
+# grey 3x3 moments take the lag kernel (csrc/conv_norm_act.cpp, lag_moments_3x3): with
+# padding, without (CASES[11]), with full padding, at its least height Hc = 2, and the
+# real input layer; the others the tap-pair kernels
+MOMENT_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], CASES[10], CASES[11],
+                CASES[12], CASES[13], (2, 2, 1, 3, 4, 9, 3, 3, 0, 1)]
 
 
 @pytest.mark.parametrize("case", MOMENT_CASES, ids=_case_id)
