@@ -491,25 +491,33 @@ NA_AVX512_FN static void sums_plane_f32(const float* eo, const float* wc, float 
         gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ov, z, _CMP_GT_OQ), gv);
       }
       const __m512i kk = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, k + oh * Wo + ow));
-      const __mmask16 k1 = _mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(1));
-      const __mmask16 k2 = _mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(2));
-      const __mmask16 k3 = _mm512_cmpeq_epi32_mask(kk, _mm512_set1_epi32(3));
+      // the argmax corner k: column 2*ow + (k & 1), row 2*oh + (k >> 1) of the window
+      const __m512i one = _mm512_set1_epi32(1);
+      const __mmask16 kodd = _mm512_test_epi32_mask(kk, one);
+      const __mmask16 klow = _mm512_test_epi32_mask(kk, _mm512_set1_epi32(2));
       __m512 p[kMaxTaps];
       __m512 y = z;
-      for (int64_t ci = 0; ci < Ci; ++ci)
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        // column-selected candidates of padded rows ky and ky + 1 (kw each): every row's
+        // selection is made once and used by two tap rows (21 instead of 27 blends, 1x3x3;
+        // backward of [64, 8, 28, 28] -> 128 channels 1.73 -> 1.46 ms on 2 threads, 3.3 ->
+        // 2.8 ms on one, alternating processes; the same values are selected)
+        __m512 up[kMaxTaps], dn[kMaxTaps];
+        const float* row = eo + (ci * g.Hp + 2 * oh) * rs;
+        for (int64_t kx = 0; kx < kw; ++kx)
+          up[kx] = _mm512_mask_mov_ps(cand(row, Ls, ow, kx), kodd, cand(row, Ls, ow, kx + 1));
         for (int64_t ky = 0; ky < kh; ++ky) {
-          const float* r0 = eo + (ci * g.Hp + 2 * oh + ky) * rs;
-          const float* r1 = r0 + rs;
+          row += rs;
+          for (int64_t kx = 0; kx < kw; ++kx)
+            dn[kx] = _mm512_mask_mov_ps(cand(row, Ls, ow, kx), kodd, cand(row, Ls, ow, kx + 1));
           for (int64_t kx = 0; kx < kw; ++kx) {
             const int64_t t = (ci * kh + ky) * kw + kx;
-            __m512 v = cand(r0, Ls, ow, kx);
-            v = _mm512_mask_mov_ps(v, k1, cand(r0, Ls, ow, kx + 1));
-            v = _mm512_mask_mov_ps(v, k2, cand(r1, Ls, ow, kx));
-            v = _mm512_mask_mov_ps(v, k3, cand(r1, Ls, ow, kx + 1));
-            p[t] = v;
-            y = _mm512_fmadd_ps(wv[t], v, y);
+            p[t] = _mm512_mask_mov_ps(up[kx], klow, dn[kx]);
+            y = _mm512_fmadd_ps(wv[t], p[t], y);
+            up[kx] = dn[kx];
           }
         }
+      }
       const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(y, vm), vi);
       a1 = _mm512_add_ps(a1, gv);
       a2 = _mm512_fmadd_ps(gv, xh, a2);
