@@ -30,8 +30,10 @@
 // O[ow + (e-1)/2]. Portable loops (float64, or no AVX-512) compute each conv plane into an
 // L1 buffer and run the shared window kernels (window_kernels.h) on it.
 //
-// Determinism: each group's moments are summed over fixed chunks of samples, reduced in
-// order; each channel's backward sums are added sample by sample in order by one thread.
+// Determinism: each group's moments are summed over chunks of samples fixed by N, reduced
+// in order; each channel's backward sums are added sample by sample in order by one
+// thread. So neither the thread count nor the other groups of the call change a group's
+// bits (the tests run one member alone and among others).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -59,6 +61,8 @@ namespace {
 #define CN_INLINE SCALEINV_INLINE
 
 constexpr int64_t kMaxTaps = 32;
+// Samples per work item of the moments pass (items: groups x chunks of samples).
+constexpr int64_t kMomentChunk = 32;
 
 struct CbGeo {
   int64_t N, G, Ci, Co, C;      // batch, groups, channels per group in/out, C = G*Co
@@ -741,9 +745,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_a
     using T = scalar_t;
     const T* cwp = cw.const_data_ptr<T>();
     if (training) {
-      // chunks of samples per group: fixed by the shape (not the thread count), so the
-      // reduction order and the result are the same for any number of threads
-      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.N, 16 / g.G));
+      // chunks of kMomentChunk samples per group: fixed by N alone (not the thread count
+      // or the number of groups), so a group's reduction order and its result are the
+      // same for any number of threads and for any groups (ensemble members) beside it
+      const int64_t chunks = std::max<int64_t>(1, (g.N + kMomentChunk - 1) / kMomentChunk);
       std::vector<double> part(g.G * chunks * g.K * (g.K + 1), 0.0);
       MomArgs<T> ma{x.const_data_ptr<T>(), part.data(), chunks, g};
       auto fn = pick_build<MomArgs<T>>(&mom_items_default<T>, &mom_items_avx2<T>,
