@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               "folder; nothing is downloaded)", file=sys.stderr)
         return 2
     info = init_distributed(device)  # single process unless torchrun set WORLD_SIZE > 1
+    finished = False  # the ranks meet at a barrier before leaving only after a full run
     try:
         if info.distributed and not getattr(module, "DISTRIBUTED", False):
             print(f"scaleinv: {args.experiment} does not support several processes "
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = module.run(ctx)
         runtime = time.perf_counter() - t0
+        finished = True
     finally:
-        close_distributed(info)
+        close_distributed(info, synchronize=finished)
     if not info.is_main:
         return 0  # the main rank writes everything
     result = {"experiment": args.experiment, "preset": args.preset, "seed": args.seed,

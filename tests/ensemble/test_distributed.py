@@ -228,3 +228,22 @@ def test_init_distributed_without_torchrun(monkeypatch):
     info = D.init_distributed("cpu")
     assert info == D.DistInfo(rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
     assert not info.distributed and not torch.distributed.is_initialized()
+
+
+def test_close_meets_at_a_barrier_only_after_a_finished_run(monkeypatch):
+    """After a full run every rank waits at a barrier before destroying its group; after a
+    failure it leaves at once (a barrier would only wait for the others' timeout); one
+    process does nothing."""
+    calls = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    two = D.DistInfo(rank=1, world_size=2, is_main=False)
+    D.close_distributed(two)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    D.close_distributed(two, synchronize=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    D.close_distributed(D.DistInfo())
+    assert calls == []

@@ -49,7 +49,9 @@ def _keep_checkpoints(monkeypatch):
 def _torchrun(tmp_path: Path, nproc: int, out: Path, *extra: str) -> None:
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
+    # PYTHONFAULTHANDLER: a rank that aborts prints its Python stack into the failure
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALEINV_DIST_TIMEOUT": "60",
+           "PYTHONFAULTHANDLER": "1",
            "PYTHONPATH": str(REPO)}
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", f"--nproc_per_node={nproc}",
@@ -127,7 +129,7 @@ def test_experiment_without_member_sharding_refuses_torchrun(tmp_path, monkeypat
 
     monkeypatch.setattr(cli, "init_distributed",
                         lambda device: D.DistInfo(rank=0, world_size=2, is_main=True))
-    monkeypatch.setattr(cli, "close_distributed", lambda info: None)
+    monkeypatch.setattr(cli, "close_distributed", lambda info, **kw: None)
     assert cli.main(["fig1-toy", "--preset", "smoke", "--out", str(tmp_path),
                      "--no-progress"]) == 2
     assert "does not support several processes" in capsys.readouterr().err
