@@ -99,51 +99,6 @@ CN_INLINE void split_columns(const T* xp, const CbGeo& g, T* eo) {
 
 // ---- forward: patch moments (training statistics) -------------------------------
 
-#ifdef NA_HAVE_AVX512_KERNELS
-// AVX-512 moments for a fixed tap count K (one padded sample plane set xp): the pairs
-// (a, b), A0 <= a < A1, a <= b < K accumulate in registers (8 float64 columns per step),
-// so a block of pairs costs one float32 -> float64 load per tap and one FMA per pair.
-// m [K][K+1] gets the upper triangle and S.
-template <int K, int A0, int A1>
-NA_AVX512_FN static void moments_block_f32(const float* xp, const int64_t* off, const CbGeo& g,
-                                           double* m) {
-  constexpr int NP = (A1 - A0) * K - (A1 * (A1 - 1) - A0 * (A0 - 1)) / 2;
-  __m512d acc[NP], sacc[A1 - A0], v[K];
-#pragma GCC unroll 64
-  for (int q = 0; q < NP; ++q) acc[q] = _mm512_setzero_pd();
-#pragma GCC unroll 64
-  for (int a = 0; a < A1 - A0; ++a) sacc[a] = _mm512_setzero_pd();
-  for (int64_t r = 0; r < g.Hc; ++r) {
-    for (int64_t j0 = 0; j0 < g.Wc; j0 += 8) {
-      const __mmask8 mk = static_cast<__mmask8>((1u << std::min<int64_t>(8, g.Wc - j0)) - 1u);
-      const float* base = xp + r * g.Wp + j0;
-#pragma GCC unroll 64
-      for (int t = A0; t < K; ++t) v[t] = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, base + off[t]));
-      int q = 0;
-#pragma GCC unroll 64
-      for (int a = A0; a < A1; ++a) {
-        sacc[a - A0] = _mm512_add_pd(sacc[a - A0], v[a]);
-#pragma GCC unroll 64
-        for (int b = a; b < K; ++b, ++q) acc[q] = _mm512_fmadd_pd(v[a], v[b], acc[q]);
-      }
-    }
-  }
-  int q = 0;
-  for (int a = A0; a < A1; ++a) {
-    m[a * (K + 1) + K] += _mm512_reduce_add_pd(sacc[a - A0]);
-    for (int b = a; b < K; ++b, ++q) m[a * (K + 1) + b] += _mm512_reduce_add_pd(acc[q]);
-  }
-}
-
-// 9 taps (a grey 3x3 input layer): three blocks of 17, 18 and 10 pairs.
-NA_AVX512_FN static void moments9_f32(const float* xp, const int64_t* off, const CbGeo& g,
-                                      double* m) {
-  moments_block_f32<9, 0, 2>(xp, off, g, m);
-  moments_block_f32<9, 2, 5>(xp, off, g, m);
-  moments_block_f32<9, 5, 9>(xp, off, g, m);
-}
-#endif
-
 // Grey 3x3 (Ci = 1, KH = KW = 3; needs Hc >= 2): G[a][b] = sum over the conv positions of
 // xp[pos + d_a] * xp[pos + d_b] is a sum of the lag product P_l = xp[u] * xp[u + l],
 // l = d_b - d_a, over the rectangle u in [ky_a, ky_a + Hc) x [kx_a, kx_a + Wc) of the padded
@@ -222,30 +177,16 @@ CN_INLINE void lag_moments_3x3(const T* x, const CbGeo& g, int64_t grp, int64_t 
   }
 }
 
-// Adds S and G (upper triangle) of samples [n0, n1) of group grp into m [K][K+1].
-// Conv output rows are gathered as K float64 row vectors; each tap pair accumulates in a
+// Adds S and G (upper triangle) of samples [n0, n1) of group grp into m [K][K+1]: grey
+// 3x3 by lags (above); any other geometry by tap pairs: conv output rows are gathered as K float64 row vectors; each tap pair accumulates in a
 // vector of column partial sums (reduced at the end), so the inner loops are long axpys.
 template <typename T>
 CN_INLINE void group_moments(const T* x, const CbGeo& g, int64_t grp, int64_t n0, int64_t n1,
                              double* m) {
-  constexpr int64_t JB = 32;  // columns per block
   if (lag_moments_apply(g)) return lag_moments_3x3(x, g, grp, n0, n1, m);
+  constexpr int64_t JB = 32;  // columns per block
   const int64_t K = g.K, pairs = K * (K + 1) / 2;
   std::vector<T> xp(g.Ci * g.Hp * g.Wp);
-#ifdef NA_HAVE_AVX512_KERNELS
-  if constexpr (std::is_same_v<T, float>) {
-    if (K == 9 && use_avx512_kernels()) {
-      int64_t off[9];
-      for (int64_t t = 0; t < 9; ++t)
-        off[t] = (t / (g.KH * g.KW)) * g.Hp * g.Wp + (t / g.KW % g.KH) * g.Wp + t % g.KW;
-      for (int64_t n = n0; n < n1; ++n) {
-        pad_planes(x, g, n, grp, xp.data());
-        moments9_f32(xp.data(), off, g, m);
-      }
-      return;
-    }
-  }
-#endif
   std::vector<double> rows(K * JB), acc(pairs * JB, 0.0), sacc(K * JB, 0.0);
   for (int64_t n = n0; n < n1; ++n) {
     pad_planes(x, g, n, grp, xp.data());
