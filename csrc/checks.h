@@ -39,4 +39,13 @@ inline void check_channel_vec(const char* op, const char* name,
   if (t.has_value()) check_channel_vec(op, name, *t, x, C);
 }
 
+// The optional vector checked as above, as a contiguous tensor (an absent one stays absent).
+inline std::optional<at::Tensor> contiguous_channel_vec(const char* op, const char* name,
+                                                        const std::optional<at::Tensor>& t,
+                                                        const at::Tensor& x, int64_t C) {
+  check_channel_vec(op, name, t, x, C);
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
 }  // namespace scaleinv

@@ -336,6 +336,17 @@ NA_INLINE void affine(const FwdArgs<T>& a, int64_t c, T mean, T invstd, T* alpha
   *beta = b - mean * *alpha;
 }
 
+// save_mean/save_invstd of channel c from its shifted sums a.part[2c], a.part[2c + 1]
+// over its N*H*W values.
+template <typename T>
+NA_INLINE void store_stats(const FwdArgs<T>& a, int64_t c) {
+  const double cnt = static_cast<double>(a.g.N * a.g.HW);
+  const double mu = a.part[2 * c] / cnt;
+  const double var = std::max(a.part[2 * c + 1] / cnt - mu * mu, 0.0);
+  a.save_mean[c] = static_cast<T>(a.shift[c] + mu);
+  a.save_invstd[c] = static_cast<T>(1.0 / std::sqrt(var + a.eps));
+}
+
 // ---- small planes without pooling: flat runs --------------------------------------
 // Without pooling every pass is elementwise with per-channel coefficients, and a channel
 // group's planes of sample n are one contiguous run of L = (c1 - c0) * HW values. For tiny
@@ -367,7 +378,6 @@ template <typename T>
 NA_INLINE void forward_group_flat(const FwdArgs<T>& a, int64_t c0, int64_t c1) {
   const Geo& g = a.g;
   const int64_t HW = g.HW, L = (c1 - c0) * HW;
-  const double cnt = static_cast<double>(g.N * HW);
   std::vector<double> sh(L), s1(L, 0.0), s2(L, 0.0);
   for (int64_t i = 0; i < L; ++i) sh[i] = a.shift[c0 + i / HW];
   for (int64_t n = 0; n < g.N; ++n) {
@@ -384,10 +394,9 @@ NA_INLINE void forward_group_flat(const FwdArgs<T>& a, int64_t c0, int64_t c1) {
   }
   std::vector<T> al(L), be(L);
   for (int64_t c = c0; c < c1; ++c) {
-    const double mu = channel_total(s1, c - c0, HW) / cnt;
-    const double var = std::max(channel_total(s2, c - c0, HW) / cnt - mu * mu, 0.0);
-    a.save_mean[c] = static_cast<T>(a.shift[c] + mu);
-    a.save_invstd[c] = static_cast<T>(1.0 / std::sqrt(var + a.eps));
+    a.part[2 * c] = channel_total(s1, c - c0, HW);
+    a.part[2 * c + 1] = channel_total(s2, c - c0, HW);
+    store_stats(a, c);
     T alpha, beta;
     affine(a, c, a.save_mean[c], a.save_invstd[c], &alpha, &beta);
     std::fill(al.begin() + (c - c0) * HW, al.begin() + (c - c0 + 1) * HW, alpha);
@@ -418,7 +427,6 @@ NA_INLINE void forward_planes(const FwdArgs<T>& a, int64_t p0, int64_t p1);
 template <typename T>
 NA_INLINE void forward_groups(const FwdArgs<T>& a, int64_t g0, int64_t g1) {
   const Geo& g = a.g;
-  const double cnt = static_cast<double>(g.N * g.HW);
   for (int64_t grp = g0; grp < g1; ++grp) {
     const int64_t c0 = grp * a.per, c1 = std::min(g.C, c0 + a.per);
     if (flat_runs<T>(g)) {
@@ -428,12 +436,7 @@ NA_INLINE void forward_groups(const FwdArgs<T>& a, int64_t g0, int64_t g1) {
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t c = c0; c < c1; ++c)
         plane_stats(a.x + (n * g.C + c) * g.HW, g.HW, a.shift[c], a.part + 2 * c);
-    for (int64_t c = c0; c < c1; ++c) {
-      const double mu = a.part[2 * c] / cnt;
-      const double var = std::max(a.part[2 * c + 1] / cnt - mu * mu, 0.0);
-      a.save_mean[c] = static_cast<T>(a.shift[c] + mu);
-      a.save_invstd[c] = static_cast<T>(1.0 / std::sqrt(var + a.eps));
-    }
+    for (int64_t c = c0; c < c1; ++c) store_stats(a, c);
     for (int64_t n = 0; n < g.N; ++n) forward_planes(a, n * g.C + c0, n * g.C + c1);
   }
 }
@@ -604,20 +607,26 @@ NA_INLINE void plane_dx(const BwdArgs<T>& a, int64_t n, int64_t c, T scale, T k0
   }
 }
 
+// Channel c's dx = scale * g + k0 + k2 * (x - mean), from a.sums (s1, sum(g * xhat)):
+// training dx = scale * (g - s1/cnt - xhat * s2/cnt), eval k0 = k2 = 0.
+template <typename T>
+NA_INLINE void dx_coefficients(const BwdArgs<T>& a, int64_t c, T* scale, T* k0, T* k2) {
+  const double cnt = static_cast<double>(a.g.N * a.g.HW);
+  const double invstd = a.invstd[c];
+  const double s = invstd * (a.w ? static_cast<double>(a.w[c]) : 1.0);
+  *scale = static_cast<T>(s);
+  *k0 = static_cast<T>(a.training ? -s * a.sums[2 * c] / cnt : 0.0);
+  *k2 = static_cast<T>(a.training ? -s * invstd * a.sums[2 * c + 1] / cnt : 0.0);
+}
+
 // dx pass over planes [p0, p1); a.sums holds the channel sums (s1, sum(g * xhat)).
 template <typename T>
 NA_INLINE void dx_planes(const BwdArgs<T>& a, int64_t p0, int64_t p1) {
-  const double cnt = static_cast<double>(a.g.N * a.g.HW);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % a.g.C;
-    const double invstd = a.invstd[c];
-    const double scale = invstd * (a.w ? static_cast<double>(a.w[c]) : 1.0);
-    double k0 = 0, k2 = 0;
-    if (a.training) {  // dx = scale * (g - s1/cnt - xhat * s2/cnt)
-      k0 = -scale * a.sums[2 * c] / cnt;
-      k2 = -scale * invstd * a.sums[2 * c + 1] / cnt;
-    }
-    plane_dx(a, p / a.g.C, c, static_cast<T>(scale), static_cast<T>(k0), static_cast<T>(k2));
+    T scale, k0, k2;
+    dx_coefficients(a, c, &scale, &k0, &k2);
+    plane_dx(a, p / a.g.C, c, scale, k0, k2);
   }
 }
 
@@ -628,7 +637,6 @@ template <typename T>
 NA_INLINE void backward_group_flat(const BwdArgs<T>& a, int64_t c0, int64_t c1) {
   const Geo& g = a.g;
   const int64_t HW = g.HW, L = (c1 - c0) * HW;
-  const double cnt = static_cast<double>(g.N * HW);
   std::vector<T> mu(L);
   std::vector<double> s1(L, 0.0), s2(L, 0.0);
   for (int64_t i = 0; i < L; ++i) mu[i] = a.mean[c0 + i / HW];
@@ -649,13 +657,10 @@ NA_INLINE void backward_group_flat(const BwdArgs<T>& a, int64_t c0, int64_t c1) 
   }
   std::vector<T> sc(L), k0(L), k2(L);
   for (int64_t c = c0; c < c1; ++c) {
-    const double invstd = a.invstd[c];
     a.sums[2 * c] += channel_total(s1, c - c0, HW);
-    a.sums[2 * c + 1] += channel_total(s2, c - c0, HW) * invstd;
-    // dx = scale * (g - s1/cnt - xhat * s2/cnt), as dx_planes forms the coefficients
-    const double scale = invstd * (a.w ? static_cast<double>(a.w[c]) : 1.0);
-    const T cs = static_cast<T>(scale), c0k = static_cast<T>(-scale * a.sums[2 * c] / cnt),
-            c2k = static_cast<T>(-scale * invstd * a.sums[2 * c + 1] / cnt);
+    a.sums[2 * c + 1] += channel_total(s2, c - c0, HW) * static_cast<double>(a.invstd[c]);
+    T cs, c0k, c2k;
+    dx_coefficients(a, c, &cs, &c0k, &c2k);
     const int64_t b = (c - c0) * HW;
     std::fill(sc.begin() + b, sc.begin() + b + HW, cs);
     std::fill(k0.begin() + b, k0.begin() + b + HW, c0k);
@@ -987,11 +992,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_pool_cpu(
   TORCH_CHECK_VALUE(mean.has_value() == invstd.has_value(), op,
                     "give both mean and invstd (eval mode) or neither (training mode)");
   const bool training = !mean.has_value();
-  std::optional<at::Tensor> w, b, m, is;
-  check_channel_vec(op, "weight", weight, x_in, g.C);
-  if (weight.has_value()) w = weight->contiguous();
-  check_channel_vec(op, "bias", bias, x_in, g.C);
-  if (bias.has_value()) b = bias->contiguous();
+  const std::optional<at::Tensor> w = contiguous_channel_vec(op, "weight", weight, x_in, g.C);
+  const std::optional<at::Tensor> b = contiguous_channel_vec(op, "bias", bias, x_in, g.C);
+  std::optional<at::Tensor> m, is;
   if (!training) {
     check_channel_vec(op, "mean", *mean, x_in, g.C);
     check_channel_vec(op, "invstd", *invstd, x_in, g.C);
@@ -1064,11 +1067,8 @@ bn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const char* op = "scaleinv::bn_act_pool_backward: ";
   const Geo g = check_x(op, x_in, pool, relu);
   check_backward_inputs(op, g, x_in, grad_out_in, out_in, index_in);
-  std::optional<at::Tensor> w, b;
-  check_channel_vec(op, "weight", weight, x_in, g.C);
-  if (weight.has_value()) w = weight->contiguous();
-  check_channel_vec(op, "bias", bias, x_in, g.C);
-  if (bias.has_value()) b = bias->contiguous();
+  const std::optional<at::Tensor> w = contiguous_channel_vec(op, "weight", weight, x_in, g.C);
+  const std::optional<at::Tensor> b = contiguous_channel_vec(op, "bias", bias, x_in, g.C);
   check_channel_vec(op, "save_mean", save_mean, x_in, g.C);
   check_channel_vec(op, "save_invstd", save_invstd, x_in, g.C);
   const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
@@ -1118,11 +1118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_act_pool_cpu(
   const Geo g = check_x(op, x_in, pool, relu);
   check_groups(op, g, groups);
   TORCH_CHECK_VALUE(eps >= 0, op, "eps must be >= 0, got ", eps);
-  std::optional<at::Tensor> w, b;
-  check_channel_vec(op, "weight", weight, x_in, g.C);
-  if (weight.has_value()) w = weight->contiguous();
-  check_channel_vec(op, "bias", bias, x_in, g.C);
-  if (bias.has_value()) b = bias->contiguous();
+  const std::optional<at::Tensor> w = contiguous_channel_vec(op, "weight", weight, x_in, g.C);
+  const std::optional<at::Tensor> b = contiguous_channel_vec(op, "bias", bias, x_in, g.C);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out, index;
   std::tie(out, index) = empty_outputs(x, g);
@@ -1167,9 +1164,7 @@ gn_act_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                         save_invstd.sizes() == at::IntArrayRef({g.N, groups}),
                     op, "save_mean and save_invstd must have shape [N, groups] = [", g.N, ", ",
                     groups, "], got ", shape_str(save_mean), " and ", shape_str(save_invstd));
-  std::optional<at::Tensor> w;
-  check_channel_vec(op, "weight", weight, x_in, g.C);
-  if (weight.has_value()) w = weight->contiguous();
+  const std::optional<at::Tensor> w = contiguous_channel_vec(op, "weight", weight, x_in, g.C);
   const at::Tensor x = x_in.contiguous(), gout = grad_out_in.contiguous(),
                    out = out_in.contiguous(), mean = save_mean.contiguous(),
                    invstd = save_invstd.contiguous();
