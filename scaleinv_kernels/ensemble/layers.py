@@ -212,13 +212,12 @@ class MemberConv(MemberLayer):
         ``conv_impl="auto"``, no bias, stride 1, dilation 1, padding < kernel, fewer than
         4 input channels per group and at most FUSED_CONV_MAX_TAPS taps (C_in·KH·KW per
         group). With more input channels the patch moments cost more than the conv."""
+        if not self._unit_stride_small_padding():
+            return False
         ci = self.in_channels // self.groups
-        kh, kw = self.kernel_size if self.spatial == 2 else (0, 0)
-        return (self.spatial == 2 and self.impl == "auto" and self.bias is None
-                and self.stride == (1, 1) and self.dilation == (1, 1)
-                and not isinstance(self.padding, str)
-                and all(0 <= p < k for p, k in zip(self.padding, self.kernel_size))
-                and ci < 4 and ci * kh * kw <= FUSED_CONV_MAX_TAPS)
+        kh, kw = self.kernel_size
+        return (self.impl == "auto" and self.bias is None and ci < 4
+                and ci * kh * kw <= FUSED_CONV_MAX_TAPS)
 
     def defers(self, x: Tensor) -> bool:
         """True when this call leaves the convolution to the fused norm after it: CPU
@@ -228,11 +227,16 @@ class MemberConv(MemberLayer):
                 and x.dtype in FUSED_NORM_DTYPES and extension_loaded()
                 and not (x.requires_grad and torch.is_grad_enabled()))
 
-    def _direct_applies(self, x: Tensor) -> bool:
-        return (self.spatial == 2 and x.device.type == "cpu" and x.dtype in DIRECT_DTYPES
-                and self.stride == (1, 1) and self.dilation == (1, 1)
+    def _unit_stride_small_padding(self) -> bool:
+        """Conv2d, stride 1, dilation 1, numeric padding < kernel size: the geometry of
+        scaleinv's direct and fused convolutions."""
+        return (self.spatial == 2 and self.stride == (1, 1) and self.dilation == (1, 1)
                 and not isinstance(self.padding, str)
                 and all(0 <= p < k for p, k in zip(self.padding, self.kernel_size)))
+
+    def _direct_applies(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype in DIRECT_DTYPES
+                and self._unit_stride_small_padding())
 
     def _pick(self, x: Tensor) -> str:
         """The implementation for this call (see the class docstring)."""
