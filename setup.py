@@ -24,7 +24,8 @@ if os.environ.get("SCALEINV_BUILD_EXT", "1") != "0":
                            if f.endswith(".h")),
             extra_compile_args=[
                 "-O3",
-                "-std=c++17",
+                # no -std flag: torch's BuildExtension adds the standard its headers need
+                # (C++17 in torch 2.11, C++20 in 2.13 and later; 2.14 headers need C++20)
                 # ATen's vector kernels decide where torch fuses a*b+c; we must fuse in
                 # exactly the same places and nowhere else (bitwise equality with SGD).
                 "-ffp-contract=off",
