@@ -29,7 +29,9 @@ def extension_loaded() -> bool:
             ) from err
         log.warning(
             "scaleinv_kernels: compiled extension not available (%s); CPU ops run their "
-            "plain-torch reference implementations (slower, same results).",
+            "plain-torch reference implementations (slower, same results). Rebuild it "
+            "against the installed torch with `pip install --no-build-isolation -e .` "
+            "(from the source tree, with setuptools>=77, wheel and ninja installed).",
             err,
         )
         return False
