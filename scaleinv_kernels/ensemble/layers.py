@@ -45,9 +45,17 @@ from scaleinv_kernels.ops.direct_conv import direct_conv2d
 from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
 from scaleinv_kernels.ops.norm_act import SUPPORTED_DTYPES as FUSED_NORM_DTYPES
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+from scaleinv_kernels.ops.registry import cuda_code_path_active
 from scaleinv_kernels.optim.members import mark_members
 
 CONV_IMPLS = ("auto", "grouped", "loop", "direct")
+
+
+def _cpu_kernels(x: Tensor) -> bool:
+    """True when x takes the C++ CPU kernels' path; False on CUDA and while CPU tensors
+    take the CUDA code path (``ops.registry.cuda_code_path_on_cpu``), so that an ensemble
+    on CPU tensors then makes every choice it makes on a GPU."""
+    return x.device.type == "cpu" and not cuda_code_path_active()
 
 
 @dataclass
@@ -223,7 +231,7 @@ class MemberConv(MemberLayer):
         """True when this call leaves the convolution to the fused norm after it: CPU
         float32/float64 input that needs no gradient (the fused op computes none for x),
         with the compiled extension loaded."""
-        return (self.fused_norm is not None and x.device.type == "cpu"
+        return (self.fused_norm is not None and _cpu_kernels(x)
                 and x.dtype in FUSED_NORM_DTYPES and extension_loaded()
                 and not (x.requires_grad and torch.is_grad_enabled()))
 
@@ -235,7 +243,7 @@ class MemberConv(MemberLayer):
                 and all(0 <= p < k for p, k in zip(self.padding, self.kernel_size)))
 
     def _direct_applies(self, x: Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in DIRECT_DTYPES
+        return (_cpu_kernels(x) and x.dtype in DIRECT_DTYPES
                 and self._unit_stride_small_padding())
 
     def _pick(self, x: Tensor) -> str:
@@ -250,7 +258,7 @@ class MemberConv(MemberLayer):
             return "direct"
         if self.impl != "auto":
             return self.impl
-        if x.is_cuda or self.in_channels // self.groups >= 4:
+        if not _cpu_kernels(x) or self.in_channels // self.groups >= 4:
             return "grouped"
         return "direct" if extension_loaded() and self._direct_applies(x) else "loop"
 
