@@ -91,8 +91,9 @@ class Ensemble(nn.Module):
             raise ValueError(f"Ensemble: init must be one of {INITS}, got {init!r}")
         members = _build_members(model_or_factory, n_members, init, seed, member_offset)
         template = members[0]
-        if check_forward:
-            check_forward_fn(template)
+        # graphs and the rank conditions left for the first call of each input shape
+        checked = check_forward_fn(template) if check_forward else None
+        object.__setattr__(self, "_checked", checked)
         self.n_members = n_members
         self.retain_cpu_memory = bool(retain_cpu_memory)
         self.init = init
@@ -149,6 +150,8 @@ class Ensemble(nn.Module):
                 f"got {shape}; for one batch shared by all members call "
                 "ens.forward_shared(x)")
         batch = x.shape[1 - dim]
+        if self._checked is not None:
+            self._checked.verify_ranks(self._template, (batch, *x.shape[2:]))
         self._set(x, start, m, batch, shared=False, direct_grads=direct_grads)
         folded = x.reshape(batch * m, *x.shape[2:]) if batch_major else self._ctx.fold(x)
         out = self.net(folded)
@@ -162,6 +165,8 @@ class Ensemble(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1:
             raise ValueError("Ensemble.forward_shared: x must be a tensor [B, ...]")
         batch = x.shape[0]
+        if self._checked is not None:
+            self._checked.verify_ranks(self._template, tuple(x.shape))
         self._set(x, start, m, batch, shared=True, direct_grads=direct_grads)
         out = self.net(x)
         if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch and m > 1:
