@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from scaleinv_kernels.cpu_memory import retain_freed_memory
 from scaleinv_kernels.ensemble.convert import check_forward, convert
-from scaleinv_kernels.ensemble.layers import MemberContext
+from scaleinv_kernels.ensemble.layers import MemberContext, MemberDropout
 from scaleinv_kernels.ensemble.seeding import STREAM_INIT, member_seed
 from scaleinv_kernels.optim.members import mark_members
 
@@ -29,7 +29,11 @@ class Ensemble(nn.Module):
             ``torch.manual_seed(member_seed(seed, 0, i))`` (reproducible from ``seed``
             alone, whatever M). A module instance only allows ``"shared"``.
         seed: seed of the initialisation (None: the current global RNG state, for
-            ``"shared"``; ``"independent"`` then uses seed 0).
+            ``"shared"``; ``"independent"`` then uses seed 0), and of the members' random
+            streams (dropout; None: 0): member g's masks in its s-th random pass come from
+            ``(seed, g, s)`` only (:mod:`.random`), whatever the chunking, ``members=``
+            slices or sharding. ``ens.random_seed`` may be changed afterwards; the pass
+            counts are the buffer ``random_step`` [M] (present when the net has dropout).
         conv_impl: ``"auto"`` (default, chosen per layer), ``"grouped"`` (one grouped
             convolution per layer), ``"loop"`` (one convolution per member) or
             ``"direct"`` (``scaleinv::direct_conv2d``, CPU, stride-1 Conv2d); see
@@ -100,6 +104,15 @@ class Ensemble(nn.Module):
         self.member_offset = member_offset
         self._ctx = MemberContext(n_members)
         self.net = convert(members, self._ctx, conv_impl=conv_impl, fuse=fuse)
+        # Random layers (dropout) draw member g's noise from (random_seed, g, its count of
+        # random passes, the layer's place in the pass): see .random. The counts are state
+        # (saved, sharded and resumed with the members), kept on the CPU so that seeding
+        # the generators never waits for a device.
+        self.random_seed = 0 if seed is None else int(seed)
+        if any(isinstance(mod, MemberDropout) for mod in self.net.modules()):
+            self.register_buffer("random_step", torch.zeros(n_members, dtype=torch.int64))
+        else:
+            self.random_step = None
         # A CPU copy of the original module: member(i) clones it and loads member i.
         object.__setattr__(self, "_template", copy.deepcopy(template).cpu())
         self.training = template.training
@@ -155,6 +168,7 @@ class Ensemble(nn.Module):
         self._set(x, start, m, batch, shared=False, direct_grads=direct_grads)
         folded = x.reshape(batch * m, *x.shape[2:]) if batch_major else self._ctx.fold(x)
         out = self.net(folded)
+        self._count_random_pass(start, m)
         return self._unfold(out, m, batch)
 
     def forward_shared(self, x: Tensor, members: slice | range | None = None, *,
@@ -169,6 +183,7 @@ class Ensemble(nn.Module):
             self._checked.verify_ranks(self._template, tuple(x.shape))
         self._set(x, start, m, batch, shared=True, direct_grads=direct_grads)
         out = self.net(x)
+        self._count_random_pass(start, m)
         if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch and m > 1:
             return out.unsqueeze(0).expand(m, *out.shape)  # no member layer was reached
         return self._unfold(out, m, batch)
@@ -179,6 +194,8 @@ class Ensemble(nn.Module):
             retain_freed_memory()  # cached: one mallopt per process
         c = self._ctx
         c.start, c.m, c.batch, c.shared = start, m, batch, shared
+        c.random_seed, c.member_offset = self.random_seed, self.member_offset
+        c.steps, c.draws = self.random_step, 0
         c.leaves = None
         if direct_grads and m < self.n_members and torch.is_grad_enabled():
             c.leaves = {}
@@ -193,6 +210,11 @@ class Ensemble(nn.Module):
                 leaf = p.detach()[start:start + m].requires_grad_()
                 leaf.grad = p.grad[start:start + m]
                 c.leaves[id(p)] = leaf
+
+    def _count_random_pass(self, start: int, m: int) -> None:
+        """A pass whose random layers drew noise advances its members' pass counts."""
+        if self._ctx.draws:
+            self.random_step[start:start + m] += 1
 
     @staticmethod
     def _unfold(out, m: int, batch: int) -> Tensor:
@@ -247,7 +269,17 @@ class Ensemble(nn.Module):
         out = super()._apply(fn, recurse)
         for p in self.parameters():
             mark_members(p, self.n_members)
+        if self.random_step is not None and self.random_step.device.type != "cpu":
+            self.random_step = self.random_step.cpu()  # read on the host to seed
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        # a checkpoint from before the random pass counts existed: counts start at 0
+        if prefix + "random_step" in missing_keys:
+            missing_keys.remove(prefix + "random_step")
 
     def extra_repr(self) -> str:
         offset = f", member_offset={self.member_offset}" if self.member_offset else ""

@@ -72,6 +72,13 @@ class MemberContext:
     # (conv, x): a MemberConv fused into the BatchNorm after it passed its input x on
     # unconvolved (see MemberConv.defers); that norm consumes it
     pending_conv: tuple[nn.Module, Tensor] | None = None
+    # per-member random streams (see .random): the seed, the global index of member 0,
+    # each member's count of random forward passes (CPU int64 [M]) and the random layer
+    # calls of this pass so far
+    random_seed: int = 0
+    member_offset: int = 0
+    steps: Tensor | None = None
+    draws: int = 0
 
     @property
     def sel(self) -> slice:
@@ -536,15 +543,45 @@ class MemberLayerNorm(MemberLayer):
 
 
 class MemberDropout(MemberLayer):
-    """``nn.Dropout*`` with an independent mask per member (a shared batch is broadcast
-    to every member first, so members never share a mask)."""
+    """``nn.Dropout``/``Dropout1d``/``Dropout2d``/``AlphaDropout`` with each member's mask
+    drawn from its own stream (:func:`.random.member_bernoulli`: keyed by seed, global
+    member index, the member's random-pass count and this layer's place among the pass's
+    random calls), so that a member's masks do not depend on which members share its call.
+    A shared batch is broadcast to every member first, so members never share a mask. Same
+    distribution and scaling as torch's dropout, not torch's bits."""
 
     def __init__(self, module: nn.Module, ctx: MemberContext) -> None:
         super().__init__(ctx)
         self.inner = module
+        # the ATen rule: feature dropout masks whole channels ([N, C, 1, ...])
+        self.feature = isinstance(module, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
+        self.alpha = isinstance(module, nn.AlphaDropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        c = self.ctx
-        if self.training and self.inner.p > 0 and c.is_shared(x):
-            x = c.folded(x, type(self.inner).__name__)
-        return self.inner(x)
+        from scaleinv_kernels.ensemble.random import member_bernoulli
+
+        c, p = self.ctx, float(self.inner.p)
+        if not self.training or p == 0:
+            return x
+        kind = type(self.inner).__name__
+        x = c.folded(x, kind)
+        if p == 1:  # ATen returns input * 0 for every kind of dropout
+            return x * 0.0
+        if self.feature:
+            batched = {"Dropout1d": 3, "Dropout2d": 4, "Dropout3d": 5}[kind]
+            if x.dim() != batched:
+                raise ValueError(f"{kind}: the ensemble needs batched {batched}-d input "
+                                 f"[N, C, ...], got per-member shape {[c.batch, *x.shape[1:]]}")
+            shape = (c.batch, x.shape[1], *([1] * (x.dim() - 2)))
+        else:
+            shape = (c.batch, *x.shape[1:])
+        noise = member_bernoulli(c, 1 - p, shape, x.device, x.dtype)
+        if self.alpha:
+            # ATen's alpha dropout: x·(noise·a) + (noise − 1)·alpha·a + alpha·a·p
+            a = 1.0 / ((_ALPHA * _ALPHA * p + 1) * (1 - p)) ** 0.5
+            b = (noise - 1) * (_ALPHA * a) + _ALPHA * a * p
+            return x * (noise * a) + b
+        return x * noise.div_(1 - p)
+
+
+_ALPHA = 1.7580993408473766  # SELU's alpha·scale, the constant of ATen's alpha dropout
