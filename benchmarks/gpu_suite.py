@@ -740,10 +740,12 @@ class Suite:
         """Run ``fn`` unless less than ``cost`` seconds are left; ``gate``: its failure
         makes the suite fail. An exception is recorded as the section's error."""
         print(f"[{name}] ", end="", flush=True)
-        if self.left() < cost:
+        left = self.left()
+        if left < cost or left <= 0:
             res = {"status": "skipped",
-                   "summary": f"skipped: {max(self.left(), 0):.0f} s of the budget left, "
-                              f"the section may need {cost:.0f} s"}
+                   "summary": (f"budget of {self.budget:.0f} s spent" if left <= 0 else
+                               f"{left:.0f} s of the budget left, it may need {cost:.0f} s"),
+                   "seconds": 0.0}
         else:
             t0 = time.monotonic()
             try:
@@ -774,8 +776,7 @@ def machine_info(device: str) -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
                     gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    sm_count=props.multi_processor_count,
-                    driver_cuda=getattr(torch._C, "_cuda_getDriverVersion", lambda: None)())
+                    sm_count=props.multi_processor_count)
     else:
         info.update(gpu=None, capability=None, gpu_memory_gib=None,
                     triton_interpret=os.environ.get("TRITON_INTERPRET"))
@@ -909,9 +910,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a broken import shows up in every section too
         out["package"] = {"error": f"{type(err).__name__}: {err}"[:400]}
     pkg_file = out["package"].get("scaleinv_kernels") or ""
-    if pkg_file and not Path(pkg_file).resolve().is_relative_to(ROOT):
-        suite.sections["build"].update(status="failed",
-                                       summary=f"scaleinv_kernels imported from {pkg_file}")
+    outside = [f for f in (pkg_file, out["package"].get("extension"))
+               if f and not Path(f).resolve().is_relative_to(ROOT)]
+    if outside:  # another copy of the package would be the one checked below
+        suite.sections["build"].update(status="failed", summary=f"imported from {outside}")
     m = out["machine"]
     print(f"      {m['gpu'] or 'CPU'}, torch {m['torch']} (CUDA {m['cuda']}), triton "
           f"{m['triton']}, package {pkg_file}", flush=True)
