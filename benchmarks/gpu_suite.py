@@ -171,7 +171,7 @@ def ensure_extension(timeout: float) -> dict:
     attempts = []
     rc, log = _run_build(ROOT, timeout)
     attempts.append({"where": "source tree", "rc": rc, "tail": log})
-    if rc != 0:
+    if rc is not None and rc != 0:  # failed, not out of time: maybe setuptools < 77
         left = timeout - (time.monotonic() - t0)
         print(f"      in-place build failed (rc {rc}); retrying without pyproject.toml",
               flush=True)
@@ -876,9 +876,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     dry = args.dry_run
-    # The suite picks the backends itself: a forced one (SCALEINV_BACKEND=reference, or
-    # =triton, which would send the whole dry run through the interpreter) is dropped.
-    forced_backend = os.environ.pop("SCALEINV_BACKEND", None)
     if dry:
         # The interpreter must be on before triton is first imported (it decides then).
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -891,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             print(f"gpu_suite: {problem}. Nothing was run.", file=sys.stderr)
             return 2
+    # The suite picks the backends itself: a forced one (SCALEINV_BACKEND=reference, or
+    # =triton, which would send the whole dry run through the interpreter) is dropped.
+    forced_backend = os.environ.pop("SCALEINV_BACKEND", None)
     device = "cpu" if dry else "cuda"
     members = args.members or (4 if dry else 500)
     _setup_path()
@@ -916,7 +916,8 @@ def main(argv: list[str] | None = None) -> int:
     outside = [f for f in (pkg_file, out["package"].get("extension"))
                if f and not Path(f).resolve().is_relative_to(ROOT)]
     if outside:  # another copy of the package would be the one checked below
-        suite.sections["build"].update(status="failed", summary=f"imported from {outside}")
+        build.update(status="failed", summary=f"{build['summary']}; but the package was "
+                                              f"imported from {outside}")
     m = out["machine"]
     print(f"      {m['gpu'] or 'CPU'}, torch {m['torch']} (CUDA {m['cuda']}), triton "
           f"{m['triton']}, package {pkg_file}", flush=True)

@@ -29,6 +29,7 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the script must switch the interpreter on itself
+    env["SCALEINV_BACKEND"] = "reference"  # and choose the backends itself
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
                           cwd=ROOT, env=env, text=True, capture_output=True, timeout=600,
                           check=False)
@@ -62,6 +63,7 @@ def test_dry_run_records_the_machine_and_the_tree(dry_run) -> None:
                 "capability", "gpu_memory_gib", "cpu_count"):
         assert key in m, key
     assert m["device"] == "cpu" and m["triton_interpret"] == "1"
+    assert res["dropped_env"] == {"SCALEINV_BACKEND": "reference"}
     pkg = res["package"]
     assert pkg["extension_loaded"]
     assert Path(pkg["scaleinv_kernels"]).resolve().is_relative_to(ROOT)
