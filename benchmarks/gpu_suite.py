@@ -957,18 +957,19 @@ def main(argv: list[str] | None = None) -> int:
         suite.run(name, lambda mc=make_case: bench_case(
             mc(), 1 if dry else args.rounds, deadline, device),
             cost["sgd_case"], gate=False, context=path)
+    # From here on the dry run takes the C++ CPU path: the interpreted Triton kernels
+    # (checked above) need seconds per call even at these sizes, minutes for the M=4
+    # ensemble step at batch 64 of 28x28 planes.
     steps = 1 if dry else 5
     suite.run("time_bn_act_pool", lambda: time_norm_act(
         (4, 8, 8, 8) if dry else (64, 64 * 16, 28, 28), steps, device),
-        cost["time_op"], gate=False, context=path)
+        cost["time_op"], gate=False)
     suite.run("time_gn_act_pool", lambda: time_gn_act(
         (4, 8, 8, 8) if dry else (64, 64 * 16, 28, 28), 8 if dry else 64 * 4, steps, device),
-        cost["time_op"], gate=False, context=path)
+        cost["time_op"], gate=False)
     suite.run("time_conv_bn_act_pool", lambda: time_conv_norm_act(
         *((2, 4, 8) if dry else (64, 64, 28)), steps, device),
-        cost["time_op"], gate=False, context=path)
-    # The dry run's M=4 step takes the C++ CPU path: at batch 64 of 28x28 planes the
-    # interpreted Triton kernels would need minutes; the kernels are checked above.
+        cost["time_op"], gate=False)
     suite.run("ensemble", lambda: bench_ensemble(
         members, start + args.budget - 40, 1 if dry else 3, device),
         cost["ensemble"], gate=False)
