@@ -64,6 +64,73 @@ def normalized_resnet(widths: Sequence[int] = (16, 32, 64), blocks_per_stage: in
     return model
 
 
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al., "Identity Mappings in Deep Residual
+    Networks", 2016): ``conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut(x)``, the
+    shortcut a 1×1 convolution of ``x`` where the shape changes (identity otherwise)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.conv1(self.relu(self.bn1(x)))
+        out = self.conv2(self.relu(self.bn2(out)))
+        return out + residual
+
+
+class PreResNet(nn.Module):
+    """CIFAR pre-activation ResNet of depth 6n + 2 (PreResNet32: n = 5): conv 3×3 →
+    three stages of n :class:`PreActBlock` at widths ``width``, 2·``width``,
+    4·``width`` (stride 2 at the first block of stages 2 and 3) → BN → ReLU → global
+    average pool → linear. The layout of the PreResNet in the SWA code base (Izmailov et
+    al., 2018) that the scale-invariance papers train; global average pooling instead of
+    ``AvgPool2d(8)``, so inputs other than 32×32 work too.
+
+    Raises ``ValueError`` when ``depth`` is not 6n + 2 with n >= 1 or ``width`` < 1.
+    """
+
+    def __init__(self, depth: int = 32, width: int = 16, num_classes: int = 10,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"PreResNet: depth must be 6n + 2 with n >= 1, got {depth}")
+        if width < 1:
+            raise ValueError(f"PreResNet: width must be >= 1, got {width}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        blocks, cin = [], width
+        for stage in range(3):
+            cout = width * 2 ** stage
+            blocks.append(nn.Sequential(*[
+                PreActBlock(cin if b == 0 else cout, cout, 2 if stage and b == 0 else 1)
+                for b in range(n)]))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = blocks
+        self.bn = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.avgpool(self.relu(self.bn(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def pre_resnet32(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> PreResNet:
+    """PreResNet32: :class:`PreResNet` with 5 blocks per stage."""
+    return PreResNet(32, width, num_classes, in_channels)
+
+
 def scale_classifier(model: nn.Module, factor: float) -> nn.Linear:
     """Multiply the frozen last ``nn.Linear`` of ``model`` (weight and bias) by ``factor``.
 
