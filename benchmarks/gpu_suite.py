@@ -733,6 +733,7 @@ class Suite:
     budget: float
     start: float
     sections: dict
+    after: Callable[[], None] = lambda: None  # called after every section
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -761,6 +762,7 @@ class Suite:
         res["gate"] = gate
         self.sections[name] = res
         print(f"{res['status']}: {res['summary']}", flush=True)
+        self.after()
         return res
 
 
@@ -894,20 +896,40 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if dry else "cuda"
     members = args.members or (4 if dry else 500)
     _setup_path()
-    suite = Suite(args.budget, start, {})
     cost = {k: 0.0 for k in GPU_COST} if dry else GPU_COST
     print(f"gpu_suite{' --dry-run' if dry else ''}: source tree {ROOT}, python "
           f"{sys.executable}, budget {args.budget:.0f} s", flush=True)
+    out: dict = {"machine": machine_info(device), "dropped_env": (
+        {"SCALEINV_BACKEND": forced_backend} if forced_backend else {})}
 
+    def save(final: bool) -> int:
+        """Write the results (after every section too: a run killed from outside still
+        leaves what it had measured); the exit status."""
+        failed = [k for k, r in suite.sections.items() if r["gate"] and r["status"] != "ok"]
+        exit_code = 1 if failed else 0
+        out["suite"] = {"mode": "dry-run" if dry else "gpu",
+                        "status": ("failed" if failed else "ok") if final else "incomplete",
+                        "failed_sections": failed, "exit_code": exit_code if final else None,
+                        "seconds": time.monotonic() - start, "budget_s": args.budget,
+                        "command": " ".join(["python3", *sys.argv])}
+        out["sections"] = suite.sections
+        out["tolerances"] = {"variants_rel": VARIANT_TOL, "kernels_rel": KERNEL_TOL}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_suite.json").write_text(json.dumps(out, indent=2, default=str))
+        if final:
+            report = format_report(out)
+            (args.out / "gpu_suite.md").write_text(report)
+            print()
+            print(report)
+            print(f"wrote {args.out / 'gpu_suite.json'} and {args.out / 'gpu_suite.md'}")
+        return exit_code
+
+    suite = Suite(args.budget, start, {}, after=lambda: save(final=False))
     build = suite.run("build", lambda: ensure_extension(max(suite.left() - 150, 60)),
                       cost["build"], gate=True)
     if build["status"] == "ok":
         # no silent fallback to the reference kernels from here on, here and in pytest
         os.environ["SCALEINV_REQUIRE_EXT"] = "1"
-    import torch  # noqa: F401  (after the environment above is final)
-
-    out: dict = {"machine": machine_info(device), "dropped_env": (
-        {"SCALEINV_BACKEND": forced_backend} if forced_backend else {})}
     try:
         out["package"] = package_info()
     except Exception as err:  # a broken import shows up in every section too
@@ -974,22 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         members, start + args.budget - 40, 1 if dry else 3, device),
         cost["ensemble"], gate=False)
 
-    failed = [k for k, r in suite.sections.items() if r["gate"] and r["status"] != "ok"]
-    exit_code = 1 if failed else 0
-    out["suite"] = {"mode": "dry-run" if dry else "gpu", "status": "failed" if failed else "ok",
-                    "failed_sections": failed, "exit_code": exit_code,
-                    "seconds": time.monotonic() - start, "budget_s": args.budget,
-                    "command": " ".join(["python3", *sys.argv])}
-    out["sections"] = suite.sections
-    out["tolerances"] = {"variants_rel": VARIANT_TOL, "kernels_rel": KERNEL_TOL}
-    report = format_report(out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_suite.json").write_text(json.dumps(out, indent=2, default=str))
-    (args.out / "gpu_suite.md").write_text(report)
-    print()
-    print(report)
-    print(f"wrote {args.out / 'gpu_suite.json'} and {args.out / 'gpu_suite.md'}")
-    return exit_code
+    return save(final=True)
 
 
 if __name__ == "__main__":
