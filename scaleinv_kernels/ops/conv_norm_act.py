@@ -73,6 +73,16 @@ op-level tests; :func:`conv_bn_act_pool_reference` is the unfused layers
 (``F.conv2d`` → ``F.batch_norm`` → ``relu`` → ``max_pool2d``) and
 :func:`conv_bn_act_pool` the layer the ensemble calls (it also updates the running
 statistics).
+
+Registration: the schema lives in C++ (``csrc/registration.cpp``), so the op is a
+registered custom op with a fake kernel, not a ``torch.library.triton_op``; its CUDA
+kernels are registered through
+:func:`~scaleinv_kernels.ops.registry.register_cuda_kernel`, and its only Triton launches,
+those of the ``bn_act_pool`` forward, are wrapped by ``torch.library.wrap_triton``
+(:func:`~scaleinv_kernels.ops.norm_act.launch`). Without triton the CUDA forward is
+:func:`conv_bn_act_pool_torch`, which says so once in the log, with the fix
+(``pip install triton``); the CUDA backward is :func:`conv_bn_act_pool_backward_torch`
+either way.
 """
 
 from __future__ import annotations
@@ -84,6 +94,7 @@ from torch import Tensor
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
 from scaleinv_kernels.ops import direct_conv as dc
 from scaleinv_kernels.ops import norm_act as na
+from scaleinv_kernels.ops.registry import register_cuda_kernel
 
 OP = "scaleinv::conv_bn_act_pool"
 MAX_TAPS = 32  # K = C_in·KH·KW; the C++ kernel keeps a patch in registers
@@ -317,19 +328,25 @@ def _fake_backward(grad_out, x, conv_weight, groups, padding, weight, save_mean,
             x.new_empty(c) if output_mask[2] else None)
 
 
+def conv_bn_act_pool_cuda(x: Tensor, conv_weight: Tensor, groups: int, padding: list[int],
+                          weight: Tensor | None, bias: Tensor | None, mean: Tensor | None,
+                          invstd: Tensor | None, eps: float, relu: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The CUDA forward with triton: y by cuDNN, then the Triton bn_act_pool forward."""
+    return _forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps, relu,
+                    na.bn_act_pool_triton)
+
+
 def _register() -> None:
     torch.library.register_fake(OP)(_fake_forward)
     torch.library.register_fake(OP + "_backward")(_fake_backward)
     # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device. CUDA: cuDNN and
     # the Triton bn_act_pool forward (the module docstring says why).
-    bn = na.bn_act_pool_triton if triton_available() else na.bn_act_pool_torch
-
-    def cuda_forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps, relu):
-        return _forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps,
-                        relu, bn)
-
-    torch.library.register_kernel(OP, "cuda")(cuda_forward)
-    torch.library.register_kernel(OP + "_backward", "cuda")(conv_bn_act_pool_backward_torch)
+    if triton_available():
+        register_cuda_kernel(OP, conv_bn_act_pool_cuda)
+    else:
+        register_cuda_kernel(OP, na.torch_cuda_fallback(OP, conv_bn_act_pool_torch))
+    register_cuda_kernel(OP + "_backward", conv_bn_act_pool_backward_torch)
 
 
 if extension_loaded():

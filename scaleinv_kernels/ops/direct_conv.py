@@ -36,6 +36,13 @@ Autograd is registered in C++ (``csrc/direct_conv.cpp``) for every device.
 CUDA: no Triton kernel, by decision. cuDNN's grouped convolution has no such weak spot
 (the ensemble uses it on CUDA), so the op's CUDA implementation is the reference
 (``F.conv2d``), registered so that the op works on any device.
+
+Registration: the schema lives in C++ (``csrc/registration.cpp``); the op is a registered
+custom op with a fake kernel (no ``torch.library.triton_op``: it has no Triton launches to
+wrap), and its CUDA kernels (:func:`_cuda`, :func:`_cuda_backward`, plain torch with or
+without triton) are registered through
+:func:`~scaleinv_kernels.ops.registry.register_cuda_kernel`, so
+:func:`~scaleinv_kernels.ops.registry.cuda_code_path_on_cpu` runs them on CPU tensors too.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once
+from scaleinv_kernels.ops.registry import register_cuda_kernel
 
 OP = "scaleinv::direct_conv2d"
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -119,13 +127,12 @@ def _register() -> None:
     torch.library.register_fake(OP)(_fake)
     torch.library.register_fake(OP + "_backward")(_fake_backward)
     # autograd: in C++ (csrc/direct_conv.cpp), for every device
-    torch.library.register_kernel(OP, "cuda")(_cuda)
-    torch.library.register_kernel(OP + "_backward", "cuda")(_cuda_backward)
+    register_cuda_kernel(OP, _cuda)
+    register_cuda_kernel(OP + "_backward", _cuda_backward)
 
 
 if extension_loaded():
     _register()
-
 
 
 def direct_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, groups: int = 1,

@@ -41,6 +41,16 @@ the dx pass reads x again. Float32/float64 only (float64 on CUDA: the torch ops 
 :func:`gn_act_pool_torch`); the ensemble runs torch's unfused layers for other dtypes.
 :func:`gn_act_pool_reference` is the layer in plain torch (``F.group_norm`` → ``relu``
 → ``F.max_pool2d``).
+
+Registration as for ``bn_act_pool`` (see :mod:`scaleinv_kernels.ops.norm_act`): the
+schema lives in C++, so the op is a registered custom op with a fake kernel rather than
+a ``torch.library.triton_op``; its CUDA kernels are registered through
+:func:`~scaleinv_kernels.ops.registry.register_cuda_kernel`, its Triton launches are
+wrapped by ``torch.library.wrap_triton`` (:func:`~scaleinv_kernels.ops.norm_act.launch`),
+and without triton the CUDA kernels are :func:`gn_act_pool_torch` and
+:func:`gn_act_pool_backward_torch`, logged once with the fix (``pip install triton``).
+The Triton launchers take bn_act_pool's ``max_block``/``split`` keywords, which force
+several blocks per plane and several programs per reduction on small shapes (tests).
 """
 
 from __future__ import annotations
@@ -55,8 +65,10 @@ from scaleinv_kernels.ops.norm_act import (
     _bcast,
     _check_vec,
     _routed_grad,
+    launch,
     validate_x,
 )
+from scaleinv_kernels.ops.registry import register_cuda_kernel
 
 OP = "scaleinv::gn_act_pool"
 
@@ -139,10 +151,13 @@ def gn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
 
 
 def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
-                       eps: float, relu: bool, pool: int
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton implementation of the forward contract (float64: torch ops)."""
+                       eps: float, relu: bool, pool: int, *, max_block: int = na.MAX_BLOCK,
+                       split: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton implementation of the forward contract (float64: torch ops); ``max_block``
+    and ``split`` force the launch geometry as for
+    :func:`~scaleinv_kernels.ops.norm_act.bn_act_pool_triton` (the op passes neither)."""
     validate(x, weight, bias, groups, eps, pool)
+    na.check_geometry(max_block, split)
     if x.dtype == torch.float64:
         return gn_act_pool_torch(x, weight, bias, groups, eps, relu, pool)
     x = x.contiguous()
@@ -153,9 +168,9 @@ def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, gr
         return out, x.new_empty(n, groups), x.new_empty(n, groups), index
     blocks, total = n * groups, per * h * w  # (sample, group) blocks: contiguous runs
     sums = torch.zeros(blocks, 2, dtype=torch.float64, device=x.device)
-    split, per_prog = na._split(blocks, total, na.MAX_BLOCK, x.device)
-    na._stats_kernel[(blocks, split)](x, sums, blocks, total, total, per_prog,
-                                      BLOCK=na.MAX_BLOCK, num_warps=8)
+    programs, per_prog = na._split(blocks, total, max_block, x.device, split)
+    launch(na._stats_kernel, (blocks, programs), x, sums, blocks, total, total, per_prog,
+           BLOCK=max_block, num_warps=8)
     # the statistics as _fwd_kernel forms them in training mode (fp64, shifted sums)
     shift = x.view(blocks, total)[:, 0].double()
     m = sums[:, 0] / total
@@ -167,10 +182,11 @@ def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, gr
     inv_p = invstd.repeat_interleave(per, 1).reshape(-1)
     w_p = weight.repeat(n) if weight is not None else x
     b_p = bias.repeat(n) if bias is not None else x
-    block = na._block(ho * wo)
-    na._fwd_kernel[(planes, triton.cdiv(ho * wo, block))](
-        x, w_p, b_p, sums, mean_p, inv_p, out, index if pool == 2 else out, planes, w,
-        h * w, wo, ho * wo, h * w, float(eps), TRAINING=False, HAS_W=weight is not None,
+    block = na._block(ho * wo, max_block)
+    launch(
+        na._fwd_kernel, (planes, triton.cdiv(ho * wo, block)), x, w_p, b_p, sums, mean_p,
+        inv_p, out, index if pool == 2 else out, planes, w, h * w, wo, ho * wo, h * w,
+        float(eps), TRAINING=False, HAS_W=weight is not None,
         HAS_B=bias is not None, RELU=bool(relu), POOL=pool, BLOCK=block, num_warps=4)
     return out, mean, invstd, index
 
@@ -178,10 +194,13 @@ def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, gr
 def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | None,
                                 save_mean: Tensor, save_invstd: Tensor, out: Tensor,
                                 index: Tensor, groups: int, relu: bool, pool: int,
-                                output_mask: list[bool]
+                                output_mask: list[bool], *, max_block: int = na.MAX_BLOCK,
+                                split: int | None = None
                                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Triton implementation of the backward contract (float64: torch ops)."""
+    """Triton implementation of the backward contract (float64: torch ops); ``max_block``
+    and ``split`` as for :func:`gn_act_pool_triton`."""
     validate(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
+    na.check_geometry(max_block, split)
     if x.dtype == torch.float64:
         return gn_act_pool_backward_torch(grad_out, x, weight, save_mean, save_invstd, out,
                                           index, groups, relu, pool, output_mask)
@@ -195,11 +214,12 @@ def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
     inv_p = save_invstd.contiguous().repeat_interleave(per, 1).reshape(-1)
     if x.numel():
         # per plane: sum(g), sum(g * (x - mean)) (x at the argmax, never out)
-        split, per_prog = na._split(planes, ho * wo, na.MAX_BLOCK, x.device)
-        na._bwd_reduce_kernel[(planes, split)](
-            grad_out, x, torch.zeros(planes, dtype=torch.int8, device=x.device), mean_p, out,
-            index, psums, planes, w, h * w, wo, ho * wo, ho * wo, per_prog, RELU=bool(relu),
-            POOL=pool, BLOCK=na.MAX_BLOCK, num_warps=8)
+        programs, per_prog = na._split(planes, ho * wo, max_block, x.device, split)
+        launch(
+            na._bwd_reduce_kernel, (planes, programs), grad_out, x,
+            torch.zeros(planes, dtype=torch.int8, device=x.device), mean_p, out, index,
+            psums, planes, w, h * w, wo, ho * wo, ho * wo, per_prog, RELU=bool(relu),
+            POOL=pool, BLOCK=max_block, num_warps=8)
     s1, s2 = psums[:, 0].view(n, c), psums[:, 1].view(n, c)
     inv = save_invstd.double()
     wd = weight.double() if weight is not None else torch.ones(c, dtype=torch.float64,
@@ -213,10 +233,11 @@ def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
                         (-inv ** 3 * b / cnt).repeat_interleave(per, 1)], dim=2)
     coef = coef.reshape(planes, 3).to(x.dtype).contiguous()
     if x.numel():
-        block = na._block(h * w)
-        na._bwd_dx_kernel[(planes, triton.cdiv(h * w, block))](
-            grad_out, x, x, mean_p, inv_p, out, index, psums, coef, dx, planes, w, h * w, ho,
-            wo, ho * wo, h * w, TRAINING=True, HAS_W=False, RELU=bool(relu), POOL=pool,
+        block = na._block(h * w, max_block)
+        launch(
+            na._bwd_dx_kernel, (planes, triton.cdiv(h * w, block)), grad_out, x, x, mean_p,
+            inv_p, out, index, psums, coef, dx, planes, w, h * w, ho, wo, ho * wo, h * w,
+            TRAINING=True, HAS_W=False, RELU=bool(relu), POOL=pool,
             BLOCK=block, COEF=True, num_warps=4)
     grad_w = ((s2 * inv.repeat_interleave(per, 1)).sum(0).to(x.dtype)
               if output_mask[1] else None)
@@ -241,11 +262,12 @@ def _register() -> None:
     torch.library.register_fake(OP + "_backward")(_fake_backward)
     # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device
     if triton_available():
-        torch.library.register_kernel(OP, "cuda")(gn_act_pool_triton)
-        torch.library.register_kernel(OP + "_backward", "cuda")(gn_act_pool_backward_triton)
+        register_cuda_kernel(OP, gn_act_pool_triton)
+        register_cuda_kernel(OP + "_backward", gn_act_pool_backward_triton)
     else:
-        torch.library.register_kernel(OP, "cuda")(gn_act_pool_torch)
-        torch.library.register_kernel(OP + "_backward", "cuda")(gn_act_pool_backward_torch)
+        register_cuda_kernel(OP, na.torch_cuda_fallback(OP, gn_act_pool_torch))
+        register_cuda_kernel(OP + "_backward",
+                             na.torch_cuda_fallback(OP, gn_act_pool_backward_torch))
 
 
 if triton_available():

@@ -59,17 +59,40 @@ device; ``save_mean``, ``save_invstd`` and ``index`` are not differentiable). Ba
 C++ (``csrc/norm_act.cpp``) on CPU, Triton (below) on CUDA. :func:`bn_act_pool_reference`
 is the same layer in plain torch (``F.batch_norm`` → ``relu`` → ``F.max_pool2d``) and
 :func:`bn_act_pool` the layer the ensemble calls (it also updates the running statistics).
+
+Registration: the schemas live in C++ (``csrc/registration.cpp``), so
+``torch.library.triton_op`` (which defines its op's schema itself) cannot be used. The op
+is a registered custom op with a fake kernel (opaque to torch.compile, traceable by
+make_fx and export), its CUDA kernels are registered through
+:func:`~scaleinv_kernels.ops.registry.register_cuda_kernel` (so
+:func:`~scaleinv_kernels.ops.registry.cuda_code_path_on_cpu` can run them on CPU tensors),
+and every Triton launch goes through ``torch.library.wrap_triton`` (:func:`launch`).
+Without triton the CUDA kernels are :func:`bn_act_pool_torch` and
+:func:`bn_act_pool_backward_torch`, which say so once in the log, with the fix
+(``pip install triton``).
+
+Launch geometry: the reductions (``_stats_kernel``, ``_bwd_reduce_kernel``) split each
+channel over several programs to fill a GPU, and the elementwise kernels cover a plane
+with blocks of at most ``MAX_BLOCK`` values. Planes small enough for the interpreter
+trigger neither, so the Triton launchers take two keywords that force them:
+``max_block`` (a power of two from 16 to ``MAX_BLOCK``: the largest block of every
+kernel, so a plane of more values spans several blocks) and ``split`` (programs per
+channel of the reductions, at most one per block of values). The ops never pass them;
+the tests do, to check those paths against the float64 contract on small odd shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
+from scaleinv_kernels.ops.registry import register_cuda_kernel
 
 OP = "scaleinv::bn_act_pool"
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -524,8 +547,57 @@ if triton_available():
         tl.store(dx_ptr + plane * HW + offs, dx, mask=mask)
 
 
-def _block(n: int) -> int:
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
+try:  # torch >= 2.6; the supported torch (2.11-2.14) has it
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover
+    _set_wrap_triton_enabled = None
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` where torch has
+    ``wrap_triton`` (torch >= 2.6), else ``kernel[grid](...)``.
+
+    The launch runs with wrap_triton's graph capture off, as ``torch.library.triton_op``'s
+    eager path does: the dispatcher reaches these kernels only with real tensors (fake
+    and meta tensors go to the fake kernel, and make_fx, export and torch.compile record
+    the op as one node), and capture in eager mode would add every launch's constants to
+    torch's kernel side table. torch 2.11's wrap_triton refuses an interpreted kernel
+    (``TRITON_INTERPRET=1`` makes it an ``InterpretedFunction``, not a ``JITFunction``);
+    that one is launched directly. Used by gn_act and conv_norm_act too."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    capture_off = (_set_wrap_triton_enabled(False) if _set_wrap_triton_enabled is not None
+                   else contextlib.nullcontext())
+    with capture_off:
+        if wrap is not None:
+            try:
+                kernel = wrap(kernel)
+            except RuntimeError:
+                if not _is_interpreted(kernel):
+                    raise
+        kernel[grid](*args, **kwargs)
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_geometry(max_block: int, split: int | None) -> None:
+    """The launchers' forcing keywords (see the module docstring): ValueError if bad."""
+    if (isinstance(max_block, bool) or not isinstance(max_block, int)
+            or not 16 <= max_block <= MAX_BLOCK or max_block & (max_block - 1)):
+        raise ValueError(f"max_block must be a power of two from 16 to {MAX_BLOCK}, got "
+                         f"{max_block!r}")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int)
+                              or split < 1):
+        raise ValueError(f"split must be None or an int >= 1, got {split!r}")
+
+
+def _block(n: int, max_block: int = MAX_BLOCK) -> int:
+    return max(16, min(max_block, triton.next_power_of_2(max(n, 1))))
 
 
 @functools.lru_cache(maxsize=16)
@@ -533,11 +605,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(c: int, total: int, block: int, device: torch.device) -> tuple[int, int]:
-    """(programs per channel, values per program): enough programs to fill the GPU."""
-    target = 4 * _sm_count(device) if device.type == "cuda" else 2
+def _split(c: int, total: int, block: int, device: torch.device,
+           programs: int | None = None) -> tuple[int, int]:
+    """(programs per channel, values per program, a multiple of ``block``): enough
+    programs to fill the GPU, or ``programs`` of them where given (fewer where the
+    channel has fewer blocks of values, or where the blocks do not divide evenly)."""
+    if programs is None:
+        target = 4 * _sm_count(device) if device.type == "cuda" else 2
+        programs = triton.cdiv(target, max(c, 1))
     blocks = triton.cdiv(max(total, 1), block)
-    split = max(1, min(blocks, triton.cdiv(target, max(c, 1))))
+    split = max(1, min(blocks, programs))
     per_prog = triton.cdiv(blocks, split) * block
     return triton.cdiv(max(total, 1), per_prog), per_prog
 
@@ -552,9 +629,12 @@ def _geometry(x: Tensor, pool: int) -> tuple[int, int, int, int, int, int]:
 
 def bn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                        mean: Tensor | None, invstd: Tensor | None, eps: float, relu: bool,
-                       pool: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton implementation of the forward contract (float64: torch ops)."""
+                       pool: int, *, max_block: int = MAX_BLOCK, split: int | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton implementation of the forward contract (float64: torch ops). ``max_block``
+    and ``split`` force the launch geometry (module docstring); the op passes neither."""
     validate_forward(x, weight, bias, mean, invstd, eps, pool)
+    check_geometry(max_block, split)
     if x.dtype == torch.float64:
         return bn_act_pool_torch(x, weight, bias, mean, invstd, eps, relu, pool)
     x = x.contiguous()
@@ -570,12 +650,13 @@ def bn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     sums = torch.zeros(c, 2, dtype=torch.float64, device=x.device)
     if training:
         total = n * h * w
-        split, per_prog = _split(c, total, MAX_BLOCK, x.device)
-        _stats_kernel[(c, split)](x, sums, c, h * w, total, per_prog, BLOCK=MAX_BLOCK,
-                                  num_warps=8)
-    block = _block(ho * wo)
-    _fwd_kernel[(n * c, triton.cdiv(ho * wo, block))](
-        x, weight if weight is not None else x, bias if bias is not None else x, sums,
+        programs, per_prog = _split(c, total, max_block, x.device, split)
+        launch(_stats_kernel, (c, programs), x, sums, c, h * w, total, per_prog,
+               BLOCK=max_block, num_warps=8)
+    block = _block(ho * wo, max_block)
+    launch(
+        _fwd_kernel, (n * c, triton.cdiv(ho * wo, block)), x,
+        weight if weight is not None else x, bias if bias is not None else x, sums,
         save_mean, save_invstd, out, index if pool == 2 else out, c, w, h * w, wo, ho * wo,
         n * h * w, float(eps), TRAINING=training, HAS_W=weight is not None,
         HAS_B=bias is not None, RELU=bool(relu), POOL=pool, BLOCK=block, num_warps=4)
@@ -586,11 +667,14 @@ def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
                                 bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor,
                                 out: Tensor,
                                 index: Tensor, training: bool, relu: bool, pool: int,
-                                output_mask: list[bool]
+                                output_mask: list[bool], *, max_block: int = MAX_BLOCK,
+                                split: int | None = None
                                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Triton implementation of the backward contract (float64: torch ops)."""
+    """Triton implementation of the backward contract (float64: torch ops); ``max_block``
+    and ``split`` as for :func:`bn_act_pool_triton`."""
     validate_forward(x, weight, bias, save_mean, save_invstd, 0.0, pool,
                      op="scaleinv::bn_act_pool_backward: ")
+    check_geometry(max_block, split)
     if x.dtype == torch.float64:
         return bn_act_pool_backward_torch(grad_out, x, weight, bias, save_mean, save_invstd,
                                           out, index, training, relu, pool, output_mask)
@@ -604,17 +688,18 @@ def bn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
     if x.numel() and need_sums:
         from_out, shift, post = xhat_source(weight, bias, save_mean, save_invstd)
         total = n * ho * wo
-        split, per_prog = _split(c, total, MAX_BLOCK, x.device)
-        _bwd_reduce_kernel[(c, split)](
-            grad_out, x, from_out.to(torch.int8), shift, out, index, sums, c, w, h * w, wo,
-            ho * wo, total, per_prog, RELU=bool(relu), POOL=pool, BLOCK=MAX_BLOCK,
-            num_warps=8)
+        programs, per_prog = _split(c, total, max_block, x.device, split)
+        launch(
+            _bwd_reduce_kernel, (c, programs), grad_out, x, from_out.to(torch.int8), shift,
+            out, index, sums, c, w, h * w, wo, ho * wo, total, per_prog, RELU=bool(relu),
+            POOL=pool, BLOCK=max_block, num_warps=8)
         sums[:, 1] *= post  # sum(g * xhat)
     if x.numel():
-        block = _block(h * w)
-        _bwd_dx_kernel[(n * c, triton.cdiv(h * w, block))](
-            grad_out, x, weight if weight is not None else x, save_mean, save_invstd, out,
-            index, sums, x, dx, c, w, h * w, ho, wo, ho * wo, n * h * w,
+        block = _block(h * w, max_block)
+        launch(
+            _bwd_dx_kernel, (n * c, triton.cdiv(h * w, block)), grad_out, x,
+            weight if weight is not None else x, save_mean, save_invstd, out, index, sums,
+            x, dx, c, w, h * w, ho, wo, ho * wo, n * h * w,
             TRAINING=bool(training), HAS_W=weight is not None, RELU=bool(relu), POOL=pool,
             BLOCK=block, num_warps=4)
     grad_w = sums[:, 1].to(x.dtype) if output_mask[1] else None
@@ -648,13 +733,30 @@ def _fake_backward(grad_out, x, weight, bias, save_mean, save_invstd, out, index
     return fake_grads(x, output_mask)
 
 
+def torch_cuda_fallback(op: str, fn: Callable) -> Callable:
+    """``fn`` (an op's contract in torch ops) as the op's CUDA kernel where triton is not
+    installed: correct, not fused, and it says so once in the log, with the fix. The
+    original is ``__wrapped__``."""
+    @functools.wraps(fn)
+    def kernel(*args):
+        log_once(f"triton is not installed; {op} runs its plain-torch implementation on "
+                 "CUDA tensors (`pip install triton` for the fused Triton kernels)")
+        return fn(*args)
+
+    return kernel
+
+
 def _register() -> None:
     torch.library.register_fake(OP)(_fake_forward)
     torch.library.register_fake(OP + "_backward")(_fake_backward)
     # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device
     if triton_available():
-        torch.library.register_kernel(OP, "cuda")(bn_act_pool_triton)
-        torch.library.register_kernel(OP + "_backward", "cuda")(bn_act_pool_backward_triton)
+        register_cuda_kernel(OP, bn_act_pool_triton)
+        register_cuda_kernel(OP + "_backward", bn_act_pool_backward_triton)
+    else:  # a CUDA tensor must never meet "no kernel registered for CUDA"
+        register_cuda_kernel(OP, torch_cuda_fallback(OP, bn_act_pool_torch))
+        register_cuda_kernel(OP + "_backward",
+                             torch_cuda_fallback(OP, bn_act_pool_backward_torch))
 
 
 if extension_loaded():

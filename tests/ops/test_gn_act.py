@@ -3,7 +3,10 @@
 The C++ op (through the autograd-registered :func:`gn_act_pool`) must equal the unfused
 layers ``F.group_norm → relu → max_pool2d`` run in float64 (fp32: within 1e-5 of the
 largest magnitude), in output and in the gradients of x, weight and bias; the torch
-backend that CUDA runs is checked against the C++ op on CPU.
+backend that CUDA runs without triton is checked against the C++ op on CPU. The Triton
+kernels (tests marked ``triton``) run on ``tests.devices.TRITON_DEVICE`` (compiled on
+CUDA, else interpreted on CPU tensors) and are compared on the CPU with the float64
+contract.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import pytest
 import torch
 
 from scaleinv_kernels.ops import gn_act as ga
+from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
+from tests.devices import TRITON_DEVICE
 from tests.helpers import assert_bitwise, assert_close
+from tests.ops.test_norm_act import record_launches
 
 EPS = 1e-5
 # (shape, groups, pool): odd H/W with pooling, N=1, one group, one channel per group,
@@ -100,8 +106,8 @@ def test_statistics_and_index():
 
 
 def test_torch_backend_matches_cpp():
-    """The CUDA registration runs gn_act_pool_torch / gn_act_pool_backward_torch: same
-    contract as the C++ op."""
+    """Without triton the CUDA registration runs gn_act_pool_torch /
+    gn_act_pool_backward_torch: same contract as the C++ op."""
     for shape, groups, pool in CASES[:5]:
         x, w, b = _make(shape, True, seed=7)
         cpp = torch.ops.scaleinv.gn_act_pool(x, w, b, groups, EPS, True, pool)
@@ -223,13 +229,20 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
-def test_triton_matches_op_contract(case):
-    """gn_act_pool_triton / _backward_triton (the CUDA kernels; here on CPU tensors under
-    TRITON_INTERPRET=1) against the float64 torch contract; the index bit for bit."""
-    shape, groups, pool, relu, affine = case
-    x, w, b = _make(shape, affine, seed=5)
-    fwd = ga.gn_act_pool_triton(x, w, b, groups, EPS, relu, pool)
+def _dev(*tensors):
+    return [None if t is None else t.to(TRITON_DEVICE) for t in tensors]
+
+
+def _cpu(*tensors):
+    return [None if t is None else t.cpu() for t in tensors]
+
+
+def _triton_vs_contract(shape, groups, pool, relu, affine, seed=5, **geometry):
+    """gn_act_pool_triton / _backward_triton (the CUDA kernels) on TRITON_DEVICE against
+    the float64 torch contract on CPU; the index bit for bit. ``geometry``: the
+    launchers' max_block/split."""
+    x, w, b = _make(shape, affine, seed=seed)
+    fwd = _cpu(*ga.gn_act_pool_triton(*_dev(x, w, b), groups, EPS, relu, pool, **geometry))
     ref = ga.gn_act_pool_torch(x.double(), _f64(w), _f64(b), groups, EPS, relu, pool)
     for name, g, r in zip(("out", "save_mean", "save_invstd"), fwd, ref):
         assert g.dtype == torch.float32
@@ -237,8 +250,8 @@ def test_triton_matches_op_contract(case):
     assert_bitwise(fwd[3], ref[3], "triton index")
     go = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(2))
     mask = [True, affine, affine]
-    got = ga.gn_act_pool_backward_triton(go, x, w, *fwd[1:3], fwd[0], fwd[3], groups, relu,
-                                         pool, mask)
+    got = _cpu(*ga.gn_act_pool_backward_triton(*_dev(go, x, w, fwd[1], fwd[2], fwd[0], fwd[3]),
+                                               groups, relu, pool, mask, **geometry))
     exp = ga.gn_act_pool_backward_torch(go.double(), x.double(), _f64(w), ref[1], ref[2],
                                         ref[0], ref[3], groups, relu, pool, mask)
     for name, g, r in zip(("grad x", "grad weight", "grad bias"), got, exp):
@@ -246,3 +259,54 @@ def test_triton_matches_op_contract(case):
             assert g is None, name
         else:
             assert_close(g, r, f"triton {name}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_matches_op_contract(case):
+    _triton_vs_contract(*case)
+
+
+# (shape, groups, pool, relu, affine) that, with max_block=16, span several blocks per
+# plane and several programs per (sample, group) statistics block and per plane's
+# routed sums: 9x11 planes (20 pooled windows, 99 inputs), a 3-D 1x21 without pool
+SPLIT_CASES = [
+    ((2, 4, 9, 11), 2, 2, True, True),
+    ((2, 6, 9, 11), 6, 2, False, False),
+    ((3, 4, 21), 4, 0, True, True),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("split", [3, 64], ids=["split3", "split64-capped"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_triton_multi_program_paths(case, split):
+    """max_block=16 and split force the launch geometry of GPU-sized planes on small odd
+    shapes (see test_norm_act's test of the same name): every launch spans several
+    programs per plane or block; results against the float64 contract."""
+    with record_launches(ga) as launches:
+        _triton_vs_contract(*case, seed=split, max_block=16, split=split)
+    assert [name for name, _ in launches] == ["_stats_kernel", "_fwd_kernel",
+                                              "_bwd_reduce_kernel", "_bwd_dx_kernel"]
+    for name, grid in launches:
+        assert grid[1] > 1, f"{name} ran one program per plane/block: {grid}"
+
+
+@pytest.mark.triton
+def test_triton_launches_go_through_wrap_triton(monkeypatch):
+    """Every launch asks torch.library.wrap_triton for its kernel and the kernels run."""
+    seen = []
+    wrap = torch.library.wrap_triton
+
+    def spy(kernel):
+        seen.append(kernel)
+        return wrap(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    x, w, b = _dev(*_make((2, 4, 6, 5), True, seed=4))
+    out, mean, invstd, idx = ga.gn_act_pool_triton(x, w, b, 2, EPS, True, 2)
+    dx, _, _ = ga.gn_act_pool_backward_triton(torch.ones_like(out), x, w, mean, invstd, out,
+                                              idx, 2, True, 2, [True, True, True])
+    assert seen == [na._stats_kernel, na._fwd_kernel, na._bwd_reduce_kernel,
+                    na._bwd_dx_kernel]
+    assert bool(torch.isfinite(dx).all()) and bool(out.abs().sum() > 0)

@@ -2,13 +2,16 @@
 
 The C++ op (through the autograd-registered layer :func:`bn_act_pool`) must equal the
 unfused reference ``F.batch_norm → relu → max_pool2d`` in output, running statistics and
-gradients (fp32: within 1e-5 of the largest magnitude); the Triton kernels run under the
-Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU) and are
-compiled ahead of time for sm_90/sm_80.
+gradients (fp32: within 1e-5 of the largest magnitude). The Triton kernels (tests marked
+``triton``) run on ``tests.devices.TRITON_DEVICE``: compiled on CUDA tensors where CUDA is
+present, else under the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); their results are compared on the CPU with the float64 contract and
+the C++ op. The kernels are also compiled ahead of time for sm_90/sm_80.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+from tests.devices import TRITON_DEVICE
 from tests.helpers import assert_bitwise, assert_close
 
 # (shape, pool): odd H/W with pooling, N=1, C=1, 1x1 without pool, 3-D without pool
@@ -39,6 +43,15 @@ CASES = [
     ((6, 37, 7, 7), 0),  # the ensemble's last layer: plane by plane
 ]
 MOMENTUM, EPS = 0.1, 1e-5
+
+
+def _dev(*tensors):
+    """The tensors on TRITON_DEVICE (None stays None)."""
+    return [None if t is None else t.to(TRITON_DEVICE) for t in tensors]
+
+
+def _cpu(*tensors):
+    return [None if t is None else t.cpu() for t in tensors]
 
 
 def _make(shape, affine, dtype=torch.float32, seed=0):
@@ -242,14 +255,17 @@ def _conditioning_case(pool, relu):
     return x, w, b, go, out
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("pool,relu", [(2, True), (2, False), (0, True), (0, False)], ids=str)
 def test_backward_xhat_source(pool, relu, backend):
     """The sums take x̂ from out on well-conditioned channels and from x elsewhere: both
     match the float64 reference, and perturbing out (same signs) moves grad_weight on
     exactly the channels xhat_source picks. Exception: the C++ kernel's flat runs for
     small planes without pooling (csrc/norm_act.cpp, flat_runs) read x on every channel,
-    so there out's magnitude moves nothing."""
+    so there out's magnitude moves nothing. The Triton backward runs on TRITON_DEVICE;
+    each channel's at most 200 positions fit one program on a GPU too (one block of
+    MAX_BLOCK), so its sums have no atomics race and the unchanged channels stay bitwise
+    equal between the two calls."""
     x, w, b, go, (out, sm, si, idx) = _conditioning_case(pool, relu)
     from_out = na.xhat_source(w, b, sm, si)[0]
     assert from_out.tolist() == [True, False, False, False, True, True]
@@ -259,8 +275,9 @@ def test_backward_xhat_source(pool, relu, backend):
                                                            relu, pool, [True, True, True])
     else:
         def bwd(o):
-            return na.bn_act_pool_backward_triton(go, x, w, b, sm, si, o, idx, True, relu,
-                                                  pool, [True, True, True])
+            args = _dev(go, x, w, b, sm, si, o, idx)
+            return _cpu(*na.bn_act_pool_backward_triton(*args, True, relu, pool,
+                                                        [True, True, True]))
     got = bwd(out)
     ref = na.bn_act_pool_backward_torch(go.double(), x.double(), w.double(), b.double(),
                                         sm.double(), si.double(), out.double(), idx, True,
@@ -350,14 +367,19 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
-def test_triton_matches_op_contract(case):
-    shape, pool, relu, affine, training = case
-    x, w, b, rm, rv = _make(shape, affine, seed=5)
+def _f64(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def _triton_vs_contract(shape, pool, relu, affine, training, seed=5, **geometry):
+    """The Triton forward and backward on TRITON_DEVICE against the float64 contract
+    (``bn_act_pool_torch`` / ``_backward_torch`` on CPU), the index bit for bit, also
+    against the C++ op. ``geometry``: the launchers' max_block/split."""
+    x, w, b, rm, rv = _make(shape, affine, seed=seed)
     mean, invstd = (None, None) if training else (rm, rv.add(EPS).rsqrt())
-    fwd = na.bn_act_pool_triton(x, w, b, mean, invstd, EPS, relu, pool)
-    ref = na.bn_act_pool_torch(x.double(), *(t.double() if t is not None else None
-                                             for t in (w, b, mean, invstd)), EPS, relu, pool)
+    fwd = _cpu(*na.bn_act_pool_triton(*_dev(x, w, b, mean, invstd), EPS, relu, pool,
+                                      **geometry))
+    ref = na.bn_act_pool_torch(*_f64(x, w, b, mean, invstd), EPS, relu, pool)
     for name, g, r in zip(("out", "save_mean", "save_invstd"), fwd, ref):
         assert g.dtype == torch.float32
         assert_close(g, r, f"triton {name}")
@@ -366,17 +388,101 @@ def test_triton_matches_op_contract(case):
     assert_bitwise(fwd[3], cpp[3], "triton index vs C++")
     go = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(2))
     mask = [True, affine, affine]
-    got = na.bn_act_pool_backward_triton(go, x, w, b, *fwd[1:3], fwd[0], fwd[3], training,
-                                         relu, pool, mask)
-    exp = na.bn_act_pool_backward_torch(go.double(), x.double(),
-                                        w.double() if affine else None,
-                                        b.double() if affine else None, ref[1], ref[2], ref[0],
-                                        ref[3], training, relu, pool, mask)
+    saved = _dev(fwd[1], fwd[2], fwd[0], fwd[3])  # save_mean, save_invstd, out, index
+    got = _cpu(*na.bn_act_pool_backward_triton(*_dev(go, x, w, b), *saved, training, relu,
+                                               pool, mask, **geometry))
+    exp = na.bn_act_pool_backward_torch(*_f64(go, x, w, b), ref[1], ref[2], ref[0], ref[3],
+                                        training, relu, pool, mask)
     for name, g, r in zip(("grad x", "grad weight", "grad bias"), got, exp):
         if r is None:
             assert g is None, name
         else:
             assert_close(g, r, f"triton {name}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_matches_op_contract(case):
+    _triton_vs_contract(*case)
+
+
+@contextlib.contextmanager
+def record_launches(module):
+    """Record (kernel name, grid) of every Triton launch ``module`` makes through
+    ``launch`` in the block."""
+    launches = []
+    real = na.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launches.append((kernel.fn.__name__, grid))
+        return real(kernel, grid, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "launch", spy)
+        yield launches
+
+
+# (shape, pool, relu, affine, training) that, with max_block=16, span several blocks per
+# plane in every elementwise kernel and several programs per channel in every reduction:
+# odd planes of 11x13 (30 pooled windows, 143 inputs), 5x7 and a 3-D 1x19 without pool
+SPLIT_CASES = [
+    ((2, 3, 11, 13), 2, True, True, True),
+    ((2, 3, 11, 13), 2, False, True, False),
+    ((3, 2, 5, 7), 0, True, False, True),
+    ((3, 2, 19), 0, False, True, True),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("split", [3, 64], ids=["split3", "split64-capped"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_triton_multi_program_paths(case, split):
+    """max_block=16 and split force what a GPU-sized plane does: blocks beyond the first
+    of a plane (the forward saves the statistics from block 0 of sample 0 only; dx and
+    the pooled windows index from the block offset) and reductions split over programs
+    whose partial sums meet in the atomics (split=64 asks for more programs than a
+    channel has blocks: capped at one per block). Against the float64 contract."""
+    shape, pool, relu, affine, training = case
+    with record_launches(na) as launches:
+        # a seed per split: no output can pass by holding the previous run's values
+        _triton_vs_contract(shape, pool, relu, affine, training, seed=split, max_block=16,
+                            split=split)
+    kernels = {name for name, _ in launches}
+    assert {"_fwd_kernel", "_bwd_dx_kernel"} <= kernels
+    assert ("_stats_kernel" in kernels) == training
+    assert ("_bwd_reduce_kernel" in kernels) == (training or affine)
+    for name, grid in launches:
+        assert grid[1] > 1, f"{name} ran one program per plane/channel: {grid}"
+
+
+def test_launch_geometry_keywords_are_checked():
+    x = torch.randn(2, 3, 4, 4)
+    for bad in (8, 24, 2048, True):
+        with pytest.raises(ValueError, match="max_block must be a power of two"):
+            na.bn_act_pool_triton(x, None, None, None, None, EPS, True, 2, max_block=bad)
+    with pytest.raises(ValueError, match="split must be None or an int >= 1"):
+        na.bn_act_pool_triton(x, None, None, None, None, EPS, True, 2, split=0)
+
+
+@pytest.mark.triton
+def test_triton_launches_go_through_wrap_triton(monkeypatch):
+    """Every launch asks torch.library.wrap_triton for its kernel (torch 2.11's refuses an
+    interpreted kernel, which is then launched directly) and the kernels run."""
+    seen = []
+    wrap = torch.library.wrap_triton
+
+    def spy(kernel):
+        seen.append(kernel)
+        return wrap(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    x, w, b, _, _ = _dev(*_make((2, 3, 6, 5), True, seed=4))
+    out, sm, si, idx = na.bn_act_pool_triton(x, w, b, None, None, EPS, True, 2)
+    assert seen == [na._stats_kernel, na._fwd_kernel]
+    dx, _, _ = na.bn_act_pool_backward_triton(torch.ones_like(out), x, w, b, sm, si, out, idx,
+                                              True, True, 2, [True, True, True])
+    assert seen[2:] == [na._bwd_reduce_kernel, na._bwd_dx_kernel]
+    assert bool(torch.isfinite(dx).all()) and bool(out.abs().sum() > 0)
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the AOT scripts import tests.aot
