@@ -32,12 +32,30 @@ Contract (same for every backend)::
   segment's slice with scalar ``lr``/``weight_decay``. Shape, dtype and device are always
   checked; values (finite, >= 0) wherever that needs no host sync, i.e. on CPU.
 
-Backends: C++ (``csrc/sgd_wd.cpp``) on CPU, Triton (below) on CUDA, and
-:func:`sgd_wd_reference` in plain torch, which is also the fallback.
+* ``stats`` (when not empty), ``lr_tensor`` and ``segment_hparams`` must be on the
+  params' device: a CPU ``lr_tensor`` with CUDA params is a ValueError here (the Triton
+  kernel would read it through a CPU pointer); :class:`~scaleinv_kernels.FusedSGDWD`
+  moves a CPU 0-d ``lr`` to the params' device before it launches anything, as
+  ``torch.optim.SGD`` accepts one. Sparse grads are a ValueError before anything is
+  written.
+
+Backends: C++ (``csrc/sgd_wd.cpp``) for the ``CPU`` dispatch key, Triton (below) for
+``CUDA``, and :func:`sgd_wd_reference` in plain torch, which is also the fallback (the
+``CUDA`` kernel where triton is missing). The schema lives in ``csrc/registration.cpp``
+with the other ops' schemas, so ``torch.library.triton_op`` (which defines its op's
+schema itself) cannot be used here; instead the op is a custom op with a fake kernel
+(which checks devices, so tracing sees the same errors), hence opaque to and traceable
+by torch.compile, its Triton kernel is registered for ``CUDA`` through
+:func:`scaleinv_kernels.ops.registry.register_cuda_kernel`, and the kernel launch goes
+through ``torch.library.wrap_triton`` (see :func:`_launch`). :func:`sgd_wd_` reaches
+the C++ and the Triton kernel through one path, ``torch.ops.scaleinv.sgd_wd_``: the
+tensors' device picks the kernel (CPU tensors take the Triton one inside
+:func:`scaleinv_kernels.ops.registry.cuda_code_path_on_cpu`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -47,6 +65,7 @@ import torch
 from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
+from scaleinv_kernels.ops.registry import cuda_code_path_active, register_cuda_kernel
 
 STAT_COLUMNS = ("w_sq", "g_sq", "w_dot_g", "delta_sq", "w_dot_delta", "nonfinite")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -71,12 +90,15 @@ def validate_args(
     nesterov: bool,
     *,
     segment_hparams: Tensor | None = None,
+    lr_tensor: Tensor | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the offending index; mutate nothing.
 
-    ``segment_hparams`` values are checked only on CPU (on a GPU it would need a sync)."""
+    ``segment_hparams`` values are checked only on CPU (on a GPU it would need a sync);
+    ``lr_tensor``'s value is the caller's to check (``lr``), its place here."""
     n = len(params)
     op = "scaleinv::sgd_wd_: "
+    check_devices(params, stats, lr_tensor, segment_hparams)
     if len(grads) != n or len(stats_rows) != n or len(segments) != n:
         raise ValueError(f"{op}params, grads, stats_rows and segments need equal lengths")
     if min(weight_decay, momentum, dampening) < 0 or lr < 0:
@@ -122,6 +144,30 @@ def validate_args(
                              f"({stats.shape[0]} rows)")
     if segment_hparams is not None:
         _validate_segment_hparams(segment_hparams, segments, device)
+
+
+def check_devices(params: Sequence[Tensor], stats: Tensor, lr_tensor: Tensor | None,
+                  segment_hparams: Tensor | None) -> None:
+    """The checks that need neither a loop over the tensors nor their values: a one-element
+    ``lr_tensor``, and ``stats`` (when not empty), ``lr_tensor`` and ``segment_hparams``
+    on the params' device. Also run by the fake kernel, so a trace meets the same errors."""
+    op = "scaleinv::sgd_wd_: "
+    if lr_tensor is not None and lr_tensor.numel() != 1:
+        raise ValueError(f"{op}lr_tensor must have one element, got shape "
+                         f"{list(lr_tensor.shape)}")
+    if not params:
+        return
+    device = params[0].device
+    if lr_tensor is not None and lr_tensor.device != device:
+        raise ValueError(f"{op}lr_tensor is on {lr_tensor.device} but the params are on "
+                         f"{device}; move it to their device first, e.g. "
+                         f"lr.to({str(device)!r}, non_blocking=True) (FusedSGDWD does)")
+    if stats.numel() > 0 and stats.device != device:
+        raise ValueError(f"{op}stats is on {stats.device} but the params are on {device}; "
+                         "it must be on their device")
+    if isinstance(segment_hparams, Tensor) and segment_hparams.device != device:
+        raise ValueError(f"{op}segment_hparams is on {segment_hparams.device} but the params "
+                         f"are on {device}; it must be a dense tensor on their device")
 
 
 def _validate_segment_hparams(table: Tensor, segments: Sequence[int],
@@ -176,11 +222,12 @@ def sgd_wd_reference(
     Statistics are computed in float64 from the fp32 values, i.e. they are the exact
     sums the kernels approximate.
     """
+    check_devices(params, stats, lr_tensor, segment_hparams)  # before reading lr_tensor
     if lr_tensor is not None:
         lr = float(lr_tensor)
     validate_args(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows,
                   segments, lr, weight_decay, momentum, dampening, nesterov,
-                  segment_hparams=segment_hparams)
+                  segment_hparams=segment_hparams, lr_tensor=lr_tensor)
     if segment_hparams is not None:
         _validate_segment_hparams(segment_hparams.cpu(), segments, None)  # values, anywhere
         table = segment_hparams.tolist()
@@ -375,19 +422,59 @@ def _work_table(numels: tuple[int, ...], segments: tuple[int, ...], rows: tuple[
                 if per_segment:
                     items.append(offset + s)
         offset += k
-    return torch.tensor(items, dtype=torch.int64).reshape(-1, 5 if per_segment else 4).to(device)
+    return _host_table(items, torch.int64, device).reshape(-1, 5 if per_segment else 4)
 
 
 def _host_table(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small per-step table, copied to the GPU asynchronously from pinned memory."""
+    """A small table built on the host, copied to the GPU asynchronously from pinned
+    memory (a plain ``torch.tensor(values, device="cuda")`` waits for the copy)."""
     table = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
-    return table
+    return table.to(device)
 
 
 def _pointer_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return _host_table([t.data_ptr() for t in tensors], torch.int64, device)
+
+
+try:  # torch >= 2.6; the supported torch (2.11-2.14) has it
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover
+    _set_wrap_triton_enabled = None
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` through ``torch.library.wrap_triton`` where torch
+    has it, else directly.
+
+    The launch runs with wrap_triton's graph capture off, as ``torch.library.triton_op``'s
+    own eager path does: this is the op's kernel, which the dispatcher reaches only with
+    real tensors (fake and meta tensors go to the fake kernel; make_fx, export and
+    torch.compile record the op as one node), and capture in eager mode would add the
+    launch's constants, and with ``num_warps`` a new autotuner, to torch's kernel side
+    table at every step. torch 2.11's wrap_triton refuses an interpreted kernel
+    (``TRITON_INTERPRET=1`` makes it an ``InterpretedFunction``, not a ``JITFunction``);
+    that one is launched directly."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    capture_off = (_set_wrap_triton_enabled(False) if _set_wrap_triton_enabled is not None
+                   else contextlib.nullcontext())
+    with capture_off:
+        if wrap is not None:
+            try:
+                kernel = wrap(kernel)
+            except RuntimeError:
+                if not _is_interpreted(kernel):
+                    raise
+        kernel[grid](*args, **kwargs)
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
 
 
 def sgd_wd_triton(
@@ -413,7 +500,7 @@ def sgd_wd_triton(
     """
     validate_args(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows,
                   segments, 0.0 if lr_tensor is not None else lr, weight_decay, momentum,
-                  dampening, nesterov, segment_hparams=segment_hparams)
+                  dampening, nesterov, segment_hparams=segment_hparams, lr_tensor=lr_tensor)
     if not params:
         return
     if params[0].dtype == torch.float64:
@@ -441,7 +528,8 @@ def sgd_wd_triton(
     stats_arg = stats if track else torch.zeros(1, dtype=torch.float64, device=device)
     lr_arg = lr_tensor if lr_tensor is not None else stats_arg
     hparams_arg = segment_hparams.contiguous() if per_segment else stats_arg
-    _sgd_wd_kernel[(work.shape[0],)](
+    _launch(
+        _sgd_wd_kernel, (work.shape[0],),
         p_table, g_table, b_table, fresh, work, stats_arg, lr_arg, hparams_arg,
         -float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
         DTYPE=TRITON_DTYPES[params[0].dtype], HAS_WD=weight_decay != 0 and not per_segment,
@@ -467,6 +555,8 @@ def select_backend(device: torch.device) -> str:
     """The backend for tensors on ``device``; decided once per parameter group.
 
     ``SCALEINV_BACKEND=reference`` forces the plain-torch path (debugging, A/B runs).
+    CPU tensors get ``"triton"`` while they take the CUDA code path
+    (:func:`scaleinv_kernels.ops.registry.cuda_code_path_on_cpu`).
     """
     forced = os.environ.get("SCALEINV_BACKEND")
     if forced:
@@ -474,6 +564,8 @@ def select_backend(device: torch.device) -> str:
             raise ValueError(f"SCALEINV_BACKEND={forced!r}; choose one of {BACKENDS}")
         return forced
     if device.type == "cpu":
+        if cuda_code_path_active():
+            return "triton"
         return "cpp" if extension_loaded() else "reference"
     if device.type == "cuda" and triton_available():
         return "triton"
@@ -481,7 +573,11 @@ def select_backend(device: torch.device) -> str:
     return "reference"
 
 
-_IMPLS = {"reference": sgd_wd_reference, "triton": sgd_wd_triton}
+def _kernel_for(device: torch.device) -> str | None:
+    """Which kernel the dispatcher runs for tensors on ``device``."""
+    if device.type == "cuda" or (device.type == "cpu" and cuda_code_path_active()):
+        return "triton"
+    return "cpp" if device.type == "cpu" else None
 
 
 def sgd_wd_(
@@ -505,25 +601,79 @@ def sgd_wd_(
     """Run the op with ``backend`` ("cpp", "triton" or "reference"); see module doc.
     The sequences must be lists (the C++ op takes no other sequence type).
     ``segment_hparams`` (float64 [sum(segments), 2]) overrides ``lr``/``weight_decay``
-    per segment."""
+    per segment.
+
+    "cpp" and "triton" both call ``torch.ops.scaleinv.sgd_wd_``, where the tensors'
+    device picks the kernel, so ``backend`` must name the kernel of that device: "cpp"
+    for CPU tensors, "triton" for CUDA tensors and for CPU tensors inside
+    ``cuda_code_path_on_cpu()`` (anything else is a ValueError, not a silent switch).
+    "reference" calls :func:`sgd_wd_reference` directly, on any device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"scaleinv::sgd_wd_: unknown backend {backend!r}; choose one of "
+                         f"{BACKENDS}")
     lr_tensor = lr if isinstance(lr, Tensor) else None
     lr_value = 0.0 if lr_tensor is not None else float(lr)
     args = (params, grads, momentum_buffers, fresh_buffers,
             stats, stats_rows, segments, lr_tensor, segment_hparams, lr_value,
             float(weight_decay),
             float(momentum), float(dampening), bool(nesterov), bool(maximize))
-    if backend == "cpp":
+    if backend == "reference":
+        return sgd_wd_reference(*args)
+    # Checked here, before the dispatcher, because the dispatcher itself would send a
+    # sparse grad to a SparseCPU/SparseCUDA kernel that does not exist
+    # (NotImplementedError) and a tensor on another device, e.g. a CPU lr_tensor with
+    # CUDA params, to a kernel that cannot read it.
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise ValueError(f"scaleinv::sgd_wd_: param {i} has a sparse gradient "
+                             f"({g.layout}); sparse gradients are not supported")
+    check_devices(params, stats, lr_tensor, segment_hparams)
+    if params:
+        kernel = _kernel_for(params[0].device)
+        if kernel != backend:
+            raise ValueError(
+                f"scaleinv::sgd_wd_: backend {backend!r} was asked for but the dispatcher "
+                f"runs {kernel or 'no'} kernel for {params[0].device.type} tensors here; the "
+                "tensors' device picks the kernel (CPU tensors take the Triton kernel "
+                "inside scaleinv_kernels.ops.registry.cuda_code_path_on_cpu())")
+    if extension_loaded():
         torch.ops.scaleinv.sgd_wd_(*args)
+    elif backend == "triton":
+        # Without the compiled extension there is no schema (it is defined in C++), hence
+        # no dispatcher entry: the Python kernel is called directly.
+        sgd_wd_triton(*args)
     else:
-        _IMPLS[backend](*args)
+        raise RuntimeError("scaleinv::sgd_wd_: backend 'cpp' needs the compiled extension "
+                           "(scaleinv_kernels._C); rebuild it with `pip install "
+                           "--no-build-isolation -e .` or use backend='reference'")
 
 
-def _register_cuda_kernel() -> None:
-    """Make ``torch.ops.scaleinv.sgd_wd_`` run the Triton kernel on CUDA tensors."""
-    torch.library.register_fake("scaleinv::sgd_wd_")(lambda *args: None)
+def _sgd_wd_fake(params, grads, momentum_buffers, fresh_buffers, stats, stats_rows, segments,
+                 lr_tensor, segment_hparams, lr, weight_decay, momentum, dampening, nesterov,
+                 maximize) -> None:
+    """Fake (meta) kernel: the op returns nothing and mutates its inputs in place, so
+    there is no output to describe; it checks what can be checked without values."""
+    check_devices(params, stats, lr_tensor, segment_hparams)
+
+
+def _sgd_wd_cuda_reference(*args) -> None:
+    """The ``CUDA`` kernel where triton is not installed: correct, not fused."""
+    log_once("triton is not installed; scaleinv::sgd_wd_ runs its plain-torch reference "
+             "on CUDA tensors (`pip install triton` for the fused kernel)")
+    sgd_wd_reference(*args)
+
+
+def _register() -> None:
+    """Fake kernel and the ``CUDA`` kernel of ``scaleinv::sgd_wd_`` (the Triton kernel, or
+    the reference without triton); the C++ extension registered the schema and the
+    ``CPU`` kernel."""
+    torch.library.register_fake("scaleinv::sgd_wd_")(_sgd_wd_fake)
     if triton_available():
-        torch.library.register_kernel("scaleinv::sgd_wd_", "cuda")(sgd_wd_triton)
+        register_cuda_kernel("scaleinv::sgd_wd_", sgd_wd_triton)
+    else:
+        register_cuda_kernel("scaleinv::sgd_wd_", _sgd_wd_cuda_reference)
 
 
 if extension_loaded():
-    _register_cuda_kernel()
+    _register()

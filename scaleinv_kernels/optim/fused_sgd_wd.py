@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from scaleinv_kernels.ops.sgd_wd import select_backend, sgd_wd_, validate_args
+from scaleinv_kernels.ops.registry import cuda_code_path_active
+from scaleinv_kernels.ops.sgd_wd import _host_table, select_backend, sgd_wd_, validate_args
 from scaleinv_kernels.optim.members import members_of
 from scaleinv_kernels.optim.stats import LayerStats
 
@@ -31,6 +32,31 @@ class _Launch:
     seg_rows: list[int]  # every stats row of the launch, param order, members consecutive
 
 
+@dataclass
+class _Plan:
+    """The launches of one pattern of which params have grads, and the per-row labels of
+    the statistics (cached per pattern)."""
+
+    launches: list[_Launch]
+    names: list[str]
+    n_rows: int
+    member: list[int]
+    param_index: list[int]
+    # device -> (seg_rows of each launch, member, param_index) as device tensors, built
+    # once: layer_stats() then creates no tensor from a Python list (on CUDA that would
+    # be a copy that waits for the device)
+    index: dict = field(default_factory=dict)
+
+    def device_index(self, device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
+        cached = self.index.get(device)
+        if cached is None:
+            cached = ([_host_table(la.seg_rows, torch.int64, device) for la in self.launches],
+                      _host_table(self.member, torch.int64, device),
+                      _host_table(self.param_index, torch.int64, device))
+            self.index[device] = cached
+        return cached
+
+
 class FusedSGDWD(torch.optim.Optimizer):
     """Drop-in replacement for :class:`torch.optim.SGD` that fuses the update of all
     tensors of a (device, dtype) group into one kernel and measures per-layer statistics
@@ -49,7 +75,13 @@ class FusedSGDWD(torch.optim.Optimizer):
       * invalid hyper-parameters, duplicate params, non-float params and mismatched or
         sparse grads raise ``ValueError``/``TypeError`` that name the parameter, before
         anything is modified;
-      * ``lr`` may be a 0-d tensor; it is read on the device (no ``.item()`` on CUDA).
+      * ``lr`` may be a 0-d tensor; it is read on the device (no ``.item()`` on CUDA). A
+        CPU 0-d ``lr`` with CUDA params is accepted like torch does: it is copied to the
+        params' device (non-blocking) before anything is launched;
+      * ``foreach`` and ``fused`` are accepted and recorded in the defaults like torch's,
+        and ignored: they choose among torch's implementations, and there is one fused
+        implementation here. ``differentiable=True`` is refused (ValueError): the fused
+        kernels write in place outside autograd.
 
     Ensembles: a parameter marked with :func:`~scaleinv_kernels.optim.mark_members` as
     holding M members along dim 0 is cut into M segments (statistics per member). A param
@@ -67,7 +99,9 @@ class FusedSGDWD(torch.optim.Optimizer):
     every statistics computation.
 
     Backends (chosen once per (device, dtype), shown by :attr:`backend`): ``"cpp"`` on
-    CPU, ``"triton"`` on CUDA, ``"reference"`` (plain torch) when neither is available.
+    CPU, ``"triton"`` on CUDA (and on CPU tensors inside
+    :func:`~scaleinv_kernels.ops.registry.cuda_code_path_on_cpu`), ``"reference"`` (plain
+    torch) when neither is available.
     """
 
     def __init__(
@@ -80,16 +114,26 @@ class FusedSGDWD(torch.optim.Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         track_stats: bool = True,
     ) -> None:
+        # Keyword names and positions are torch.optim.SGD's (torch 2.11-2.14), with
+        # track_stats after them.
+        if differentiable:
+            raise ValueError("FusedSGDWD does not support differentiable=True: its fused "
+                             "kernels update the params in place outside autograd, so no "
+                             "graph through the step exists; use torch.optim.SGD("
+                             "differentiable=True) where the step must be differentiated")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                        foreach=None, differentiable=False, fused=None)
+                        foreach=foreach, differentiable=False, fused=fused)
         _check_hparams(defaults, "FusedSGDWD")
         self.track_stats = bool(track_stats)
         self._plan_cache: dict = {}
         self._stats: dict[torch.device, Tensor] = {}
-        self._last: tuple | None = None
+        self._last: tuple[_Plan, list] | None = None
         super().__init__(params, defaults)
 
     # ---- param groups ---------------------------------------------------------------
@@ -145,10 +189,14 @@ class FusedSGDWD(torch.optim.Optimizer):
         return out
 
     # ---- step -----------------------------------------------------------------------
-    def _plan(self, has_grad: tuple) -> tuple:
+    def _plan(self, has_grad: tuple) -> _Plan:
         """Launches and per-row (names, member, param index) for a pattern of which params
-        have grads (cached). Rows are segments: 1 per tensor, M per ensemble tensor."""
-        cached = self._plan_cache.get(has_grad)
+        have grads (cached). Rows are segments: 1 per tensor, M per ensemble tensor.
+
+        The backends depend on whether CPU tensors take the CUDA code path
+        (``cuda_code_path_on_cpu``), so that is part of the cache key."""
+        plan_key = (has_grad, cuda_code_path_active())
+        cached = self._plan_cache.get(plan_key)
         if cached is not None:
             return cached
         launches: dict[tuple, _Launch] = {}
@@ -179,8 +227,8 @@ class FusedSGDWD(torch.optim.Optimizer):
                     la.no_fresh.append(False)
                     la.seg_rows += range(row, row + k)
                 row += k
-        plan = (list(launches.values()), names, row, member, param_index)
-        self._plan_cache[has_grad] = plan
+        plan = _Plan(list(launches.values()), names, row, member, param_index)
+        self._plan_cache[plan_key] = plan
         return plan
 
     @torch.no_grad()
@@ -192,12 +240,20 @@ class FusedSGDWD(torch.optim.Optimizer):
                 loss = closure()
         has_grad = tuple(tuple([p.grad is not None for p in g["params"]])
                          for g in self.param_groups)
-        launches, names, n_rows, member, param_index = self._plan(has_grad)
+        plan = self._plan(has_grad)
+        launches = plan.launches
         calls = []
         for la in launches:
             group = self.param_groups[la.group]
             grads = [p.grad for p in la.params]
             table = self._segment_table(la, group)
+            lr = group["lr"] if table is None else 0.0  # 0.0: overridden by the table
+            device = la.params[0].device
+            if isinstance(lr, Tensor) and lr.device != device:
+                # torch.optim.SGD takes a CPU 0-d lr with CUDA params; the kernel reads lr
+                # on the params' device, so it is copied there before anything launches
+                # (non-blocking: a 0-d host tensor needs no pinned staging to be safe).
+                lr = lr.detach().to(device, non_blocking=device.type != "cpu")
             bufs, fresh = [], []
             if group["momentum"] != 0:
                 if len(la.states) != len(la.params):  # like SGD: state only with momentum
@@ -206,34 +262,31 @@ class FusedSGDWD(torch.optim.Optimizer):
                 fresh = la.no_fresh
                 if any(b is None for b in bufs):
                     fresh = [b is None for b in bufs]
-            calls.append((la, group, grads, bufs, fresh, table))
+            calls.append((la, group, grads, bufs, fresh, table, lr))
         # Every backend checks its own inputs before writing anything; with several
         # launches every launch is checked first so that a bad one cannot leave others
         # applied.
         if len(calls) > 1:
-            for la, group, grads, bufs, fresh, table in calls:
+            for la, group, grads, bufs, fresh, table, lr in calls:
                 self._checked(la, validate_args, la.params, grads,
                               [b if b is not None else p for b, p in zip(bufs, la.params)],
                               fresh, torch.empty(0), [0] * len(grads), la.segments,
-                              0.0 if table is not None or isinstance(group["lr"], Tensor)
-                              else group["lr"],
+                              0.0 if isinstance(lr, Tensor) else lr,
                               0.0 if table is not None else group["weight_decay"],
                               group["momentum"], group["dampening"], group["nesterov"],
-                              segment_hparams=table)
+                              segment_hparams=table,
+                              lr_tensor=lr if isinstance(lr, Tensor) else None)
         lrs: list = []
         if self.track_stats:  # one zeroed [rows, 6] float64 sum buffer per device
             used = {la.params[0].device for la in launches}
-            self._stats = {d: self._zeroed_stats(d, n_rows) for d in used}
-        for la, group, grads, bufs, fresh, table in calls:
+            self._stats = {d: self._zeroed_stats(d, plan.n_rows) for d in used}
+        for la, group, grads, bufs, fresh, table, lr in calls:
             stats = self._stats[la.params[0].device] if self.track_stats else _EMPTY
             new_bufs = fresh is not la.no_fresh
             if new_bufs:
                 bufs = [torch.empty_like(p, memory_format=torch.contiguous_format)
                         if b is None else b for p, b in zip(la.params, bufs)]
-            if table is None:
-                lr, wd = group["lr"], group["weight_decay"]
-            else:
-                lr, wd = 0.0, 0.0  # overridden per segment by the table
+            wd = group["weight_decay"] if table is None else 0.0  # overridden by the table
             self._checked(la, sgd_wd_, la.params, grads, bufs, fresh, stats, la.rows,
                           la.segments, lr, wd, group["momentum"], group["dampening"],
                           group["nesterov"], group["maximize"], backend=la.backend,
@@ -244,13 +297,14 @@ class FusedSGDWD(torch.optim.Optimizer):
                         state["momentum_buffer"] = b
             if table is not None:
                 lr = table[:, 0]  # a new tensor every step: no clone needed
-            elif isinstance(group["lr"], Tensor):
-                lr = group["lr"].detach().clone()
+            elif isinstance(lr, Tensor):
+                # the value of this step, on the params' device (a copy made above is
+                # already the step's own)
+                lr = lr.detach().clone() if lr is group["lr"] else lr
             else:
-                lr = float(group["lr"])
-            lrs.append((la.seg_rows, lr))
-        self._last = ((names, n_rows, lrs, launches, member, param_index) if self.track_stats
-                      else None)
+                lr = float(lr)
+            lrs.append(lr)
+        self._last = (plan, lrs) if self.track_stats else None
         return loss
 
     def _segment_table(self, la: _Launch, group: dict) -> Tensor | None:
@@ -303,18 +357,21 @@ class FusedSGDWD(torch.optim.Optimizer):
             raise RuntimeError("layer_stats() needs FusedSGDWD(..., track_stats=True)")
         if self._last is None:
             raise RuntimeError("layer_stats() is available after the first step()")
-        names, n_rows, lrs, launches, member, param_index = self._last
+        plan, lrs = self._last
+        launches, n_rows = plan.launches, plan.n_rows
         device = launches[0].params[0].device if launches else torch.device("cpu")
+        rows, member, param_index = plan.device_index(device)
         sums = torch.zeros(n_rows, 6, dtype=torch.float64, device=device)
         for buf in self._stats.values():
             sums += buf.to(device)
         lr = torch.full((n_rows,), float("nan"), dtype=torch.float64, device=device)
         updated = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        for rows, value in lrs:
-            index = torch.tensor(rows, device=device)
+        for index, value in zip(rows, lrs):
             lr[index] = value.to(device, torch.float64) if isinstance(value, Tensor) else value
             updated[index] = True
-        return LayerStats.from_sums(names, sums, lr, updated, member, param_index)
+        return LayerStats.from_sums(plan.names, sums, lr, updated, plan.member,
+                                    plan.param_index, member_tensor=member.clone(),
+                                    param_index_tensor=param_index.clone())
 
 
 _EMPTY = torch.empty(0, dtype=torch.float64)

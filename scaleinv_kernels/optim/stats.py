@@ -70,11 +70,15 @@ class LayerStats:
     @classmethod
     def from_sums(cls, names: list[str], sums: Tensor, lr: Tensor, updated: Tensor,
                   member: list[int] | None = None,
-                  param_index: list[int] | None = None) -> LayerStats:
+                  param_index: list[int] | None = None, *,
+                  member_tensor: Tensor | None = None,
+                  param_index_tensor: Tensor | None = None) -> LayerStats:
         """``sums``: float64 [S, 6] kernel sums; ``lr``: [S] learning rate of each segment
         in the step; ``updated``: [S] bool, False where the param had no gradient;
         ``member`` / ``param_index``: per-row lists (default: one row per ordinary
-        tensor)."""
+        tensor); ``member_tensor`` / ``param_index_tensor``: the same as int64 tensors on
+        ``sums``' device, where the caller keeps them (made from the lists otherwise,
+        which on CUDA is a copy that waits for the device)."""
         n = sums.shape[0]
         member = [-1] * n if member is None else list(member)
         param_index = list(range(n)) if param_index is None else list(param_index)
@@ -94,9 +98,11 @@ class LayerStats:
             "nonfinite": nonfinite,
         }
         device = sums.device
-        return cls(names=list(names),
-                   member=torch.tensor(member, dtype=torch.int64, device=device),
-                   param_index=torch.tensor(param_index, dtype=torch.int64, device=device),
+        if member_tensor is None:
+            member_tensor = torch.tensor(member, dtype=torch.int64, device=device)
+        if param_index_tensor is None:
+            param_index_tensor = torch.tensor(param_index, dtype=torch.int64, device=device)
+        return cls(names=list(names), member=member_tensor, param_index=param_index_tensor,
                    _member_host=tuple(member), _param_index_host=tuple(param_index),
                    **{k: torch.where(updated, v, nan).float() for k, v in values.items()})
 
