@@ -58,6 +58,13 @@ def cuda_code_path_on_cpu() -> Iterator[None]:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the CUDA code path on CPU tensors needs the Triton interpreter: "
                            "set TRITON_INTERPRET=1 before triton is imported")
+    if _emulation_depth > 0:  # already routed (nested block, or the process-wide mode)
+        _emulation_depth += 1
+        try:
+            yield
+        finally:
+            _emulation_depth -= 1
+        return
     lib = torch.library.Library("scaleinv", "IMPL")
     entered = False
     try:
