@@ -1,8 +1,11 @@
-"""One training step of M copies of the normalized CNN, three ways (Ensemble issue §6).
+"""One training step of M copies of a network, three ways (Ensemble issue §6).
 
-Model: conv 1→16→32→32 (3×3, padding 1, no bias), each followed by BatchNorm2d(affine=False)
-and ReLU, MaxPool2d(2) after the first two, global average pool, frozen Linear(32→10)
-(``scaleinv_kernels.scale_invariance.normalized_cnn``); batch 64 per member, 28×28 inputs,
+Models (``MODELS``): ``cnn``: conv 1→16→32→32 (3×3, padding 1, no bias), each followed by
+BatchNorm2d(affine=False) and ReLU, MaxPool2d(2) after the first two, global average pool,
+frozen Linear(32→10) (``scaleinv_kernels.scale_invariance.normalized_cnn``), 28×28 grey
+inputs; ``resnet20``: the CIFAR ResNet-20 (``models.normalized_resnet`` with 3 basic
+blocks per stage; its BN → ReLU chains sit in block ``forward`` code and nested
+Sequentials, fused by the Ensemble's torch.fx pass), 32×32 RGB inputs. Batch 64 per member,
 every member its own batch; SGD lr 0.1, momentum 0.9, weight decay 5e-4.
 
 * ``ensemble``: :class:`Ensemble` + :class:`FusedSGDWD` (statistics on), one process;
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from scaleinv_kernels import FusedSGDWD
 from scaleinv_kernels.ensemble import Ensemble
+from scaleinv_kernels.models import normalized_resnet
 from scaleinv_kernels.scale_invariance import normalized_cnn
 
 BATCH = 64
@@ -44,25 +48,37 @@ VARIANTS = {
 }
 
 
-def _data(m: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+#: model name -> (factory taking the norm kind, one sample's shape)
+MODELS = {
+    "cnn": (lambda norm: functools.partial(normalized_cnn, norm=norm), (1, HW, HW)),
+    "resnet20": (lambda norm: functools.partial(normalized_resnet, blocks_per_stage=3),
+                 (3, 32, 32)),
+}
+
+
+def _data(m: int, device: str = "cpu", seed: int = 0,
+          model: str = "cnn") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, BATCH, 1, HW, HW, generator=g).to(device),
+    return (torch.randn(m, BATCH, *MODELS[model][1], generator=g).to(device),
             torch.randint(0, 10, (m, BATCH), generator=g).to(device))
 
 
-def _model(norm: str) -> Callable[[], torch.nn.Module]:
-    return functools.partial(normalized_cnn, norm=norm)
+def _model(norm: str, model: str = "cnn") -> Callable[[], torch.nn.Module]:
+    if model != "cnn" and norm != "batch":
+        raise ValueError(f"ensemble_cases: norm={norm!r} applies to the cnn only")
+    return MODELS[model][0](norm)
 
 
 def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
-                  device: str = "cpu", norm: str = "batch") -> Callable[[], None]:
+                  device: str = "cpu", norm: str = "batch",
+                  model: str = "cnn") -> Callable[[], None]:
     """Forward + backward per chunk of ``chunk`` members (as ``EnsembleTrainer`` with
     ``chunk_size``: gradients go straight into the chunk's rows of ``p.grad``), then ONE
     optimizer step over all members."""
-    ens = Ensemble(_model(norm), m, init="independent", seed=0,
+    ens = Ensemble(_model(norm, model), m, init="independent", seed=0,
                    conv_impl=conv_impl).to(device)
     opt = FusedSGDWD(ens.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    x, y = _data(m, device)
+    x, y = _data(m, device, model=model)
     chunk = chunk or m
 
     def step() -> None:
@@ -77,11 +93,12 @@ def ensemble_step(m: int, conv_impl: str = "auto", chunk: int | None = None,
     return step
 
 
-def eager_loop_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], None]:
-    models = [_model(norm)().to(device) for _ in range(m)]
+def eager_loop_step(m: int, device: str = "cpu", norm: str = "batch",
+                    model: str = "cnn") -> Callable[[], None]:
+    models = [_model(norm, model)().to(device) for _ in range(m)]
     opts = [torch.optim.SGD(mod.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
             for mod in models]
-    x, y = _data(m, device)
+    x, y = _data(m, device, model=model)
 
     def step() -> None:
         for i, (mod, opt) in enumerate(zip(models, opts)):
@@ -92,7 +109,8 @@ def eager_loop_step(m: int, device: str = "cpu", norm: str = "batch") -> Callabl
     return step
 
 
-def vmap_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], None]:
+def vmap_step(m: int, device: str = "cpu", norm: str = "batch",
+              model: str = "cnn") -> Callable[[], None]:
     from torch.func import (
         functional_call,
         grad,
@@ -101,7 +119,7 @@ def vmap_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], 
         vmap,
     )
 
-    models = [_model(norm)().to(device) for _ in range(m)]
+    models = [_model(norm, model)().to(device) for _ in range(m)]
     for mod in models:
         replace_all_batch_norm_modules_(mod)
     params, buffers = stack_module_state(models)
@@ -110,7 +128,7 @@ def vmap_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], 
     base = copy.deepcopy(models[0]).to("meta")
     leaves = {k: v.detach().requires_grad_() for k, v in trainable.items()}
     opt = torch.optim.SGD(list(leaves.values()), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    x, y = _data(m, device)
+    x, y = _data(m, device, model=model)
 
     def member_loss(p, f, b, xi, yi):
         out = functional_call(base, ({**p, **f}, b), (xi,))
@@ -129,17 +147,17 @@ def vmap_step(m: int, device: str = "cpu", norm: str = "batch") -> Callable[[], 
 
 
 BUILDERS = {"ensemble": ensemble_step,
-            "ensemble_chunked": lambda m, device="cpu", norm="batch": ensemble_step(
-                m, chunk=min(CPU_CHUNK, m), device=device, norm=norm),
+            "ensemble_chunked": lambda m, device="cpu", norm="batch", model="cnn": ensemble_step(
+                m, chunk=min(CPU_CHUNK, m), device=device, norm=norm, model=model),
             "eager_loop": eager_loop_step, "vmap": vmap_step}
 
 
-def check_same_update(m: int = 2) -> float:
+def check_same_update(m: int = 2, model: str = "cnn") -> float:
     """Largest relative parameter difference after one step between the ensemble and
     the eager loop started from the same weights (a sanity check of the benchmark)."""
-    ens = Ensemble(normalized_cnn, m, init="independent", seed=0)
+    ens = Ensemble(_model("batch", model), m, init="independent", seed=0)
     models = [ens.member(i) for i in range(m)]
-    x, y = _data(m)
+    x, y = _data(m, model=model)
     opt = FusedSGDWD(ens.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     out = ens(x)
     F.cross_entropy(out.reshape(-1, 10), y.reshape(-1), reduction="none").view(
@@ -151,8 +169,30 @@ def check_same_update(m: int = 2) -> float:
         F.cross_entropy(mod(x[i]), y[i]).backward()
         sgd.step()
         for name, p in mod.named_parameters():
+            if not p.requires_grad:
+                continue
             q = ens.net.get_parameter(name)[i]
             worst = max(worst, float((q - p).detach().abs().max() / p.detach().abs().max()))
     return worst
+
+
+def conv_flops_per_member_step(model: str = "cnn") -> float:
+    """Multiply-adds ×2 of every convolution of one member's step: forward, input grad
+    (not for a layer fed by the network input, which needs none) and weight grad."""
+    net = _model("batch", model)()
+    sample = _data(1, model=model)[0][0]
+    total = [0.0]
+
+    def count(mod, inp, out):
+        fwd = 2.0 * out.numel() * mod.in_channels // mod.groups * mod.weight[0, 0].numel()
+        total[0] += fwd * (2 if inp[0] is sample else 3)
+
+    hooks = [mod.register_forward_hook(count) for mod in net.modules()
+             if isinstance(mod, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net(sample)
+    for hook in hooks:
+        hook.remove()
+    return total[0]
 
 

@@ -1,6 +1,7 @@
 """Print the Ensemble benchmark report (markdown): one training step of M members.
 
     python benchmarks/ensemble_report.py [--members 8 64] [--repeats 5]
+    python benchmarks/ensemble_report.py --model resnet20 --members 16
 
 Every variant of ``ensemble_cases.py`` is timed round-robin in this one process
 (medians of the interleaved repeats), next to the machine's fp32 matmul ceiling
@@ -23,20 +24,15 @@ import platform
 import sys
 
 import torch
-from ensemble_cases import BATCH, BUILDERS, HW, VARIANTS, check_same_update
+from ensemble_cases import (
+    BATCH,
+    BUILDERS,
+    MODELS,
+    VARIANTS,
+    check_same_update,
+    conv_flops_per_member_step,
+)
 from sgd_wd_cases import interleaved, paired_ratio
-
-CONVS = ((1, 16, HW), (16, 32, HW // 2), (32, 32, HW // 4))  # (C_in, C_out, H=W), 3×3
-
-
-def conv_flops_per_member_step() -> float:
-    """Multiply-adds ×2 of the three 3×3 convolutions: forward, input grad (not for the
-    first layer, whose input needs none) and weight grad."""
-    total = 0.0
-    for i, (cin, cout, hw) in enumerate(CONVS):
-        fwd = 2.0 * BATCH * hw * hw * cout * cin * 9
-        total += fwd * (2 if i == 0 else 3)
-    return total
 
 
 def _speedup(t: dict, ref: str, key: str) -> str:
@@ -64,9 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--norm", choices=["batch", "group"], default="batch",
                         help="the CNN's normalization (group: GroupNorm(4), fused as "
                              "scaleinv::gn_act_pool)")
+    parser.add_argument("--model", choices=list(MODELS), default="cnn",
+                        help="resnet20: the CIFAR ResNet-20 (fusion found by torch.fx)")
     args = parser.parse_args(argv)
     peak = matmul_gflops()
-    flops = conv_flops_per_member_step()
+    flops = conv_flops_per_member_step(args.model)
+    shape = "×".join(str(d) for d in MODELS[args.model][1])
     lines = [
         f"# Ensemble step benchmark — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "",
@@ -76,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         f"- fp32 matmul ceiling (2048², same run): **{peak:.0f} GFLOP/s**; convolution work "
         f"{flops / 1e6:.0f} MFLOP per member-step",
         f"- sanity: one step of the ensemble vs the eager loop from the same weights differs "
-        f"by {check_same_update():.1e} (max relative)",
+        f"by {check_same_update(model=args.model):.1e} (max relative)",
         "",
     ]
     for m in args.members:
-        steps = {k: BUILDERS[k](m, norm=args.norm) for k in args.variants}
+        steps = {k: BUILDERS[k](m, norm=args.norm, model=args.model) for k in args.variants}
         t = interleaved(steps, repeats=args.repeats, min_time=0.2, warmup=1)
         base = {k: t[k].median for k in t}
-        lines += [f"## M = {m} (batch {BATCH} per member, 28×28, {args.norm} norm)", "",
+        lines += [f"## {args.model}, M = {m} (batch {BATCH} per member, {shape}, "
+                  f"{args.norm} norm)", "",
                   "| variant | ms/step (IQR) | fastest round ms | member-steps/s | "
                   "conv GFLOP/s (% of matmul) | eager loop / this | vmap / this | "
                   "fastest vmap / fastest this |", "|---|---|---|---|---|---|---|---|"]

@@ -40,18 +40,43 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 _STATELESS = _ACTIVATIONS + (nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
                              nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _CONVERTED = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Linear: "Linear",
               nn.BatchNorm1d: "BatchNorm1d", nn.BatchNorm2d: "BatchNorm2d",
               nn.GroupNorm: "GroupNorm", nn.LayerNorm: "LayerNorm"}
 
-SUPPORTED_MODULES = (
-    "Conv1d, Conv2d (zero padding), Linear, BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm, "
-    "Dropout/Dropout1d/Dropout2d/AlphaDropout, Flatten/Unflatten (not over dim 0), "
-    + ", ".join(t.__name__ for t in _STATELESS)
-    + ", and containers (Sequential, ModuleList, ModuleDict, or your own module classes "
-      "without parameters of their own)")
+_CONVERTED_DETAILS = {"Conv1d": "zero padding; stride, dilation, groups, bias",
+                      "Conv2d": "zero padding; stride, dilation, groups, bias",
+                      "BatchNorm1d": "affine or not, running stats or not, momentum=None",
+                      "BatchNorm2d": "affine or not, running stats or not, momentum=None"}
+
+
+def _names(kinds) -> str:
+    return ", ".join(k.__name__ for k in kinds)
+
+
+#: What the converter batches and what it refuses, by kind: the README's "Converted" list
+#: is rendered from this table (:func:`supported_markdown`, checked by a test).
+SUPPORTED = {
+    "member layers (parameters and batch statistics per member)": ", ".join(
+        f"{k.__name__} ({_CONVERTED_DETAILS[k.__name__]})" if k.__name__ in _CONVERTED_DETAILS
+        else k.__name__ for k in _CONVERTED),
+    "random layers (each member its own random stream)": _names(_DROPOUT),
+    "per-sample modules": _names(_STATELESS) + ", Flatten/Unflatten (not over dim 0)",
+    "containers": _names(_CONTAINERS) + ", and your own module classes without parameters "
+                  "or buffers of their own",
+    "the model's own forward code": "SUPPORTED_FUNCTIONS",  # filled in below
+    "refused, naming the module or function and the line of forward": (
+        "recurrent layers (RNN/LSTM/GRU), attention layers (MultiheadAttention, "
+        "Transformer*), other modules holding tensors, ops that could mix rows of dim 0 "
+        "(x.mean(0), x.view(-1, k), x[0], x[None], chunk/split/narrow/select along dim 0, "
+        "unknown functions), random functions (F.dropout, torch.rand_like, ...: use "
+        "nn.Dropout), in-place writes by index (x[0] = ...)"),
+}
+
+SUPPORTED_MODULES = "; ".join(SUPPORTED[k] for k in list(SUPPORTED)[:4])
+
 
 class UnsupportedModuleError(TypeError):
     """The module cannot be turned into a member-batched ensemble."""
@@ -259,15 +284,21 @@ SUPPORTED_FUNCTIONS = (
     "adaptive pools, reductions (mean/sum/amax/amin/softmax/log_softmax) over dims other "
     "than 0, x.size()/x.shape, contiguous, permute/transpose/squeeze/unsqueeze that keep "
     "dim 0; random ops only as nn.Dropout modules (each member its own stream)")
+SUPPORTED["the model's own forward code"] = SUPPORTED_FUNCTIONS
+
+
+def supported_markdown() -> str:
+    """The README's "Converted" list, rendered from :data:`SUPPORTED`."""
+    return "\n".join(f"  - {kind}: {what}." for kind, what in SUPPORTED.items())
 
 
 class _Tracer(fx.Tracer):
     """torch.nn leaves and member layers are opaque calls; records where each node comes
     from in ``forward``, so that an error can name the line."""
 
-    def __init__(self) -> None:
+    def __init__(self, record_stack_traces: bool = True) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = record_stack_traces
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from scaleinv_kernels.ensemble.layers import MemberLayer

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from scaleinv_kernels.cpu_memory import retain_freed_memory
 from scaleinv_kernels.ensemble.convert import check_forward, convert
+from scaleinv_kernels.ensemble.fusion import fuse_forward, fused_count
 from scaleinv_kernels.ensemble.layers import MemberContext, MemberDropout
 from scaleinv_kernels.ensemble.seeding import STREAM_INIT, member_seed
 from scaleinv_kernels.optim.members import mark_members
@@ -46,9 +47,13 @@ class Ensemble(nn.Module):
             local indices (``members=``, :meth:`member`) still count from 0.
         check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
             of the batch dimension (see :func:`convert.check_forward`).
-        fuse: run BatchNorm2d → ReLU (→ MaxPool2d(2)) sequences inside ``nn.Sequential``
-            containers as the fused op ``scaleinv::bn_act_pool`` (C++ on CPU, Triton on
-            CUDA); the ReLU/pool entries of ``ens.net`` then show as ``nn.Identity``.
+        fuse: run BatchNorm2d/GroupNorm → ReLU (→ MaxPool2d(2)) chains as the fused ops
+            ``scaleinv::bn_act_pool``/``gn_act_pool`` (C++ on CPU, Triton on CUDA), with an
+            input-layer conv before them as ``conv_bn_act_pool``: inside ``nn.Sequential``
+            the ReLU/pool entries of ``ens.net`` become ``nn.Identity``; anywhere else in
+            ``forward`` (ResNet blocks, ``F.relu(self.bn(x))``) the Ensemble calls a copy
+            of ``forward`` rewritten with torch.fx (:mod:`.fusion`; one per train/eval
+            mode, traced at construction). ``print(ens)`` marks every fused layer.
         retain_cpu_memory: at the first call on a CPU tensor, call
             :func:`scaleinv_kernels.cpu_memory.retain_freed_memory` (glibc keeps freed CPU
             memory for reuse, process-wide): an ensemble's activations are big enough that
@@ -104,6 +109,9 @@ class Ensemble(nn.Module):
         self.member_offset = member_offset
         self._ctx = MemberContext(n_members)
         self.net = convert(members, self._ctx, conv_impl=conv_impl, fuse=fuse)
+        # forward rewritten by torch.fx where it holds fusable chains outside
+        # nn.Sequential (train mode -> compiled forward; None: call the net itself)
+        object.__setattr__(self, "_fused_forward", fuse_forward(self.net) if fuse else None)
         # Random layers (dropout) draw member g's noise from (random_seed, g, its count of
         # random passes, the layer's place in the pass): see .random. The counts are state
         # (saved, sharded and resumed with the members), kept on the CPU so that seeding
@@ -167,7 +175,7 @@ class Ensemble(nn.Module):
             self._checked.verify_ranks(self._template, (batch, *x.shape[2:]))
         self._set(x, start, m, batch, shared=False, direct_grads=direct_grads)
         folded = x.reshape(batch * m, *x.shape[2:]) if batch_major else self._ctx.fold(x)
-        out = self.net(folded)
+        out = self._call_net(folded)
         self._count_random_pass(start, m)
         return self._unfold(out, m, batch)
 
@@ -182,7 +190,7 @@ class Ensemble(nn.Module):
         if self._checked is not None:
             self._checked.verify_ranks(self._template, tuple(x.shape))
         self._set(x, start, m, batch, shared=True, direct_grads=direct_grads)
-        out = self.net(x)
+        out = self._call_net(x)
         self._count_random_pass(start, m)
         if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch and m > 1:
             return out.unsqueeze(0).expand(m, *out.shape)  # no member layer was reached
@@ -210,6 +218,11 @@ class Ensemble(nn.Module):
                 leaf = p.detach()[start:start + m].requires_grad_()
                 leaf.grad = p.grad[start:start + m]
                 c.leaves[id(p)] = leaf
+
+    def _call_net(self, x: Tensor):
+        fused = self._fused_forward
+        fn = fused.get(self.net.training) if fused else None
+        return fn(self.net, x) if fn is not None else self.net(x)
 
     def _count_random_pass(self, start: int, m: int) -> None:
         """A pass whose random layers drew noise advances its members' pass counts."""
@@ -281,9 +294,22 @@ class Ensemble(nn.Module):
         if prefix + "random_step" in missing_keys:
             missing_keys.remove(prefix + "random_step")
 
+    def __getstate__(self):
+        # compiled code does not pickle: keep whether there was any and trace again
+        state = self.__dict__.copy()
+        state["_fused_forward"] = bool(state.get("_fused_forward"))
+        return state
+
+    def __setstate__(self, state):
+        rebuild = state.pop("_fused_forward", False)
+        super().__setstate__(state)
+        object.__setattr__(self, "_fused_forward", fuse_forward(self.net) if rebuild else None)
+
     def extra_repr(self) -> str:
         offset = f", member_offset={self.member_offset}" if self.member_offset else ""
-        return f"n_members={self.n_members}, init={self.init!r}{offset}"
+        fused = fused_count(self.net)
+        in_forward = f", fused in forward (torch.fx): {fused} norm → ReLU" if fused else ""
+        return f"n_members={self.n_members}, init={self.init!r}{offset}{in_forward}"
 
 
 check_forward_fn = check_forward

@@ -215,9 +215,14 @@ class MemberConv(MemberLayer):
         # MaxPool2d(2) (the norm's fused_conv): a plain attribute, not a submodule, so
         # state_dict keys do not change.
         object.__setattr__(self, "fused_norm", None)
+        # set when the Ensemble's fx pass fused this conv into the norm after it in forward
+        # (ensemble/fusion.py); for print(ens) only: the rewritten forward does the fusing
+        self.fused_in_forward = False
 
     def extra_repr(self) -> str:
         fused = ", fused into the next BatchNorm" if self.fused_norm is not None else ""
+        if self.fused_in_forward:
+            fused = ", fused into the next BatchNorm in forward"
         return (f"{self.kind}, members={self.weight.shape[0]}, {self.in_channels}→"
                 f"{self.out_channels}, k={self.kernel_size}, stride={self.stride}, "
                 f"groups={self.groups}, bias={self.bias is not None}, impl={self.impl}{fused}")
@@ -238,8 +243,12 @@ class MemberConv(MemberLayer):
         """True when this call leaves the convolution to the fused norm after it: CPU
         float32/float64 input that needs no gradient (the fused op computes none for x),
         with the compiled extension loaded."""
-        return (self.fused_norm is not None and _cpu_kernels(x)
-                and x.dtype in FUSED_NORM_DTYPES and extension_loaded()
+        return self.fused_norm is not None and self.fusable_input(x)
+
+    def fusable_input(self, x: Tensor) -> bool:
+        """``x`` can go to ``scaleinv::conv_bn_act_pool`` instead of this conv (see
+        :meth:`defers`)."""
+        return (_cpu_kernels(x) and x.dtype in FUSED_NORM_DTYPES and extension_loaded()
                 and not (x.requires_grad and torch.is_grad_enabled()))
 
     def _unit_stride_small_padding(self) -> bool:
@@ -361,9 +370,11 @@ def _as_channels(layer: MemberLayer, x: Tensor, channels: int, kind: str
 
 
 def _fused_repr(layer: nn.Module) -> str:
-    if not layer.fused_relu:
-        return ""
-    return ", fused: +ReLU" + (" +MaxPool2d(2)" if layer.fused_pool else "")
+    if layer.fused_relu:
+        return ", fused: +ReLU" + (" +MaxPool2d(2)" if layer.fused_pool else "")
+    if layer.fused_in_forward:
+        return f", fused in forward: {layer.fused_in_forward}"
+    return ""
 
 
 class MemberBatchNorm(MemberLayer):
@@ -389,6 +400,9 @@ class MemberBatchNorm(MemberLayer):
         # op scaleinv::bn_act_pool on the [B, m·C, H, W] view instead.
         self.fused_relu = False
         self.fused_pool = 0
+        # what the Ensemble's fx pass fused with this norm in forward (ensemble/fusion.py),
+        # e.g. "+ReLU"; for print(ens) only: the rewritten forward calls fused_forward
+        self.fused_in_forward = ""
         # Set when, in addition, the MemberConv before it is fused in (ReLU and pool fused
         # too): calls where that conv defers run scaleinv::conv_bn_act_pool. Not a
         # submodule (the conv stays where it is in the Sequential and in state_dict).
@@ -408,7 +422,21 @@ class MemberBatchNorm(MemberLayer):
         pending, c.pending_conv = c.pending_conv, None
         conv_input = (pending is not None and pending[0] is self.fused_conv
                       and pending[1] is x)
-        if not conv_input:
+        return self._run(x, self.fused_relu, self.fused_pool,
+                         self.fused_conv if conv_input else None)
+
+    def fused_forward(self, x: Tensor, pool: int, conv: MemberConv | None = None) -> Tensor:
+        """This norm → ReLU (→ MaxPool2d(2) if ``pool``), for a ``forward`` rewritten by
+        the Ensemble's fx pass; with ``conv``, ``x`` is that conv's input and conv → norm
+        → ReLU → pool runs as one ``scaleinv::conv_bn_act_pool`` where
+        :meth:`MemberConv.fusable_input` (else the conv runs first)."""
+        if conv is not None and not conv.fusable_input(x):
+            x, conv = conv(x), None
+        return self._run(x, True, pool, conv)
+
+    def _run(self, x: Tensor, relu: bool, pool: int, conv: MemberConv | None) -> Tensor:
+        c = self.ctx
+        if conv is None:
             x = c.folded(x, self.kind)
             xc, w, b = _as_channels(self, x, self.num_features, self.kind)
         m = c.m
@@ -418,16 +446,16 @@ class MemberBatchNorm(MemberLayer):
         if update:
             nbt = self._p(self.num_batches_tracked)
             nbt.add_(1)
-        if conv_input:
-            return self._conv_forward(x, rm, rv, training, update)
-        if self.fused_relu:
+        if conv is not None:
+            return self._conv_forward(conv, x, rm, rv, training, update)
+        if relu:
             # the fused kernels cover float32/float64; other dtypes (bf16, fp16) run the
             # same layer as torch's BN -> ReLU -> max-pool (the op's reference)
             fn = bn_act_pool if xc.dtype in FUSED_NORM_DTYPES else bn_act_pool_reference
             y = fn(xc, w, b, None if rm is None else rm.view(-1),
                    None if rv is None else rv.view(-1), training=training,
                    momentum=self.momentum if update else 0.0, eps=self.eps, relu=True,
-                   pool=self.fused_pool)
+                   pool=pool)
             return _refold(y, c.batch * m, self.num_features, *y.shape[2:])
         if update and self.momentum is None:
             y = F.batch_norm(xc, None, None, w, b, True, 0.0, self.eps)
@@ -438,12 +466,12 @@ class MemberBatchNorm(MemberLayer):
                              0.0 if self.momentum is None else self.momentum, self.eps)
         return _refold(y, *x.shape)
 
-    def _conv_forward(self, x: Tensor, rm: Tensor | None, rv: Tensor | None, training: bool,
-                      update: bool) -> Tensor:
+    def _conv_forward(self, conv: MemberConv, x: Tensor, rm: Tensor | None,
+                      rv: Tensor | None, training: bool, update: bool) -> Tensor:
         """conv → this norm → ReLU → MaxPool2d(2) as ONE scaleinv::conv_bn_act_pool on the
         conv's input x (folded [B·m, C_in, H, W], or the shared batch [B, C_in, H, W] with
         the members' filters side by side when the conv has groups=1)."""
-        c, conv = self.ctx, self.fused_conv
+        c = self.ctx
         wc = conv._p(conv.weight)
         wc = wc.reshape(c.m * conv.out_channels, *wc.shape[2:])
         if c.is_shared(x) and conv.groups == 1:
@@ -489,6 +517,7 @@ class MemberGroupNorm(MemberLayer):
         self.bias = _stacked_param([g.bias for g in norms], n)
         self.fused_relu = False  # set by the conversion, as for MemberBatchNorm
         self.fused_pool = 0
+        self.fused_in_forward = ""
 
     def extra_repr(self) -> str:
         return (f"GroupNorm, members={self.ctx.n_members}, {self.num_groups}, "
@@ -498,15 +527,21 @@ class MemberGroupNorm(MemberLayer):
         return True
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, self.fused_relu, self.fused_pool)
+
+    def fused_forward(self, x: Tensor, pool: int, conv: None = None) -> Tensor:
+        """This norm → ReLU (→ MaxPool2d(2) if ``pool``), for a rewritten ``forward``."""
+        return self._run(x, True, pool)
+
+    def _run(self, x: Tensor, relu: bool, pool: int) -> Tensor:
         c = self.ctx
         x = c.folded(x, "GroupNorm")
-        if self.fused_relu:
+        if relu:
             m = c.m
             xc, w, b = _as_channels(self, x, self.num_channels, "GroupNorm")
             # float32/float64 fused; other dtypes run the same layers unfused
             fn = gn_act_pool if xc.dtype in FUSED_NORM_DTYPES else gn_act_pool_reference
-            y = fn(xc, w, b, m * self.num_groups, eps=self.eps, relu=True,
-                   pool=self.fused_pool)
+            y = fn(xc, w, b, m * self.num_groups, eps=self.eps, relu=True, pool=pool)
             return _refold(y, c.batch * m, self.num_channels, *y.shape[2:])
         y = F.group_norm(x, self.num_groups, eps=self.eps)
         return _affine(y, self._p(self.weight), self._p(self.bias), c.m, (self.num_channels,))

@@ -54,16 +54,17 @@ def _check(what: str, ens_value, loop_value, ref) -> None:
                             f"{e_loop:.3g} + floor (bound {bound:.3g})")
 
 
-def compare_with_float64(factory, m: int, x_shape, *, train: bool, seed: int = 0) -> None:
+def compare_with_float64(factory, m: int, x_shape, *, train: bool, seed: int = 0,
+                         input_grad: bool = False, conv_impl: str = "auto") -> None:
     """Float32: ens(x) and the running statistics after it vs each member run alone in
-    float32 and in float64. Float64: the ensemble's outputs and parameter gradients vs
-    the float64 members'."""
+    float32 and in float64. Float64: the ensemble's outputs and parameter gradients (and
+    the input's, with ``input_grad``) vs the float64 members'."""
     gen = torch.Generator().manual_seed(seed)
 
     def made():
         return randomize_buffers(factory(), gen)
 
-    ens = Ensemble(made, m, init="independent", seed=seed)
+    ens = Ensemble(made, m, init="independent", seed=seed, conv_impl=conv_impl)
     ens.train(train)
     ens64 = copy.deepcopy(ens).double()
     members = [ens.member(i) for i in range(m)]  # taken before the ensemble runs
@@ -81,13 +82,17 @@ def compare_with_float64(factory, m: int, x_shape, *, train: bool, seed: int = 0
                 else:
                     assert torch.equal(buffers[name][i], b32[name]), name
     members64 = [copy.deepcopy(m32).double() for m32 in members]  # = ens64's members
-    out = ens64(x.double())
+    x64 = x.double().requires_grad_(input_grad)
+    out = ens64(x64)
     weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     (out * weights).sum().backward()
     params = dict(ens64.net.named_parameters())
     for i, m64 in enumerate(members64):
-        o = m64(x[i].double())
+        xi = x[i].double().requires_grad_(input_grad)
+        o = m64(xi)
         (o * weights[i]).sum().backward()
+        if input_grad:
+            assert_close(x64.grad[i], xi.grad, f"float64 member {i} input grad", GRAD_RTOL)
         assert_close(out[i], o, f"float64 member {i} output", GRAD_RTOL)
         # judged against the largest gradient entry of the member: some gradients are 0
         # in exact arithmetic (a BatchNorm bias before a train-mode BatchNorm) and hold

@@ -181,7 +181,9 @@ def test_fusion_applies_in_sequential_only():
     assert set(ens.net.state_dict()) == set(normalized_cnn().state_dict())
     plain = Ensemble(normalized_cnn, 2, fuse=False)
     assert not plain.net.bn1.fused_relu and isinstance(plain.net.relu1, nn.ReLU)
-    res = Ensemble(SmallResNet, 2)  # blocks call their modules from forward: not fused
+    # blocks call their modules from forward: the modules stay unfused (the Ensemble's fx
+    # pass fuses those chains in forward instead; see test_fusion.py)
+    res = Ensemble(SmallResNet, 2)
     assert not any(getattr(m, "fused_relu", False) for m in res.modules())
     mom_none = Ensemble(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=None),
                                               nn.ReLU()), 2)
