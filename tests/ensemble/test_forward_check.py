@@ -231,3 +231,14 @@ def test_negative_dim_resolving_to_the_batch_is_refused_at_the_first_call():
     ens = Ensemble(NegativeDim, 2)
     with pytest.raises(UnsupportedModuleError, match=r"dim \(-1,\) of a 1-d tensor"):
         ens(torch.randn(2, 5, 4))
+
+
+def test_readme_converted_list_is_the_converters_table():
+    from pathlib import Path
+
+    from scaleinv_kernels.ensemble.convert import supported_markdown
+
+    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    start = lines.index("  <!-- converted:start -->")
+    end = lines.index("  <!-- converted:end -->")
+    assert "\n".join(lines[start + 1:end]) == supported_markdown()
