@@ -37,9 +37,11 @@ test-matrix: test-oldest test-newest
 test-oldest:
 	bash .ci/leg.sh oldest python3.12 "torch==2.11.0 triton==3.6.0 numpy<2" $(LEG_TESTS)
 
-# the newest torch pip installs here, on the oldest supported Python
+# the newest torch pip installs here, on the oldest supported Python, with torchvision
+# (which cannot load beside the default leg's 2.13.0+cpu wheel): the real classifiers
 test-newest:
-	bash .ci/leg.sh newest python3.10 "torch==2.14.1 triton==3.8.0" $(LEG_TESTS)
+	bash .ci/leg.sh newest python3.10 "torch==2.14.1 triton==3.8.0 torchvision==0.29.1" \
+		$(LEG_TESTS)
 
 # On a lent GPU machine, with its own python3 and nothing installed: builds the extension
 # in place, runs the Triton tests on CUDA tensors, the correctness and timing sections
