@@ -332,7 +332,10 @@ class ForwardCheck:
     graphs: dict[bool, fx.Graph] = field(default_factory=dict)
     rules: dict[bool, list[_RankRule]] = field(default_factory=dict)
     _verified: set = field(default_factory=set)
-    _meta: nn.Module | None = None
+    _meta: nn.Module | None = None  # the model on the meta device, made at the first check
+
+    def __getstate__(self):
+        return {**self.__dict__, "_meta": None}  # rebuilt when needed
 
     def verify_ranks(self, model: nn.Module, sample_shape: tuple[int, ...]) -> None:
         """Run ``forward`` on meta tensors of one member's input shape and check every
@@ -343,7 +346,11 @@ class ForwardCheck:
         if key in self._verified or not any(self.rules.values()):
             return
         if self._meta is None:
-            self._meta = copy.deepcopy(model).to("meta")
+            try:
+                self._meta = copy.deepcopy(model).to("meta")
+            except Exception:  # noqa: BLE001 - a module that cannot live on meta: unchecked
+                self._verified.add(key)
+                return
         meta = self._meta
         param = next(meta.parameters(), None)
         dtype = param.dtype if param is not None else torch.get_default_dtype()

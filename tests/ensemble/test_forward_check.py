@@ -218,6 +218,15 @@ def test_ellipsis_index_rank_is_checked_at_the_first_call():
         bad.forward_shared(torch.randn(5, 4))
 
 
+def test_checked_ensemble_pickles_after_its_first_call():
+    import pickle
+
+    ens = Ensemble(lambda: Squeezed(True), 2).eval()
+    x = torch.randn(2, 5, 4)
+    expected = ens(x)  # the rank check ran on a meta copy of the model
+    assert torch.equal(pickle.loads(pickle.dumps(ens))(x), expected)
+
+
 class NegativeDim(nn.Module):
     def __init__(self):
         super().__init__()
