@@ -52,3 +52,17 @@ def assert_close(actual, expected, what, rtol=1e-5):
         i = int(err.reshape(-1).argmax())
         raise AssertionError(f"{what}: worst at flat index {i}: {a.reshape(-1)[i].item()!r} "
                              f"vs {e.reshape(-1)[i].item()!r} (max |expected| {scale:.3g})")
+
+
+def spy_wrap_triton(monkeypatch) -> list:
+    """Record every kernel handed to ``torch.library.wrap_triton`` (the launches still
+    run): the list fills as the test launches kernels."""
+    seen = []
+    wrap = torch.library.wrap_triton
+
+    def spy(kernel):
+        seen.append(kernel)
+        return wrap(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    return seen

@@ -83,7 +83,6 @@ the tests do, to check those paths against the float64 contract on small odd sha
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 
@@ -92,6 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
+from scaleinv_kernels.ops.registry import launch_triton as launch
 from scaleinv_kernels.ops.registry import register_cuda_kernel
 
 OP = "scaleinv::bn_act_pool"
@@ -545,44 +545,6 @@ if triton_available():
             xv = tl.load(x_ptr + plane * HW + offs, mask=mask, other=0.0)
             dx = dx + k0 + k2 * (xv - mean)
         tl.store(dx_ptr + plane * HW + offs, dx, mask=mask)
-
-
-try:  # torch >= 2.6; the supported torch (2.11-2.14) has it
-    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
-except ImportError:  # pragma: no cover
-    _set_wrap_triton_enabled = None
-
-
-def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` where torch has
-    ``wrap_triton`` (torch >= 2.6), else ``kernel[grid](...)``.
-
-    The launch runs with wrap_triton's graph capture off, as ``torch.library.triton_op``'s
-    eager path does: the dispatcher reaches these kernels only with real tensors (fake
-    and meta tensors go to the fake kernel, and make_fx, export and torch.compile record
-    the op as one node), and capture in eager mode would add every launch's constants to
-    torch's kernel side table. torch 2.11's wrap_triton refuses an interpreted kernel
-    (``TRITON_INTERPRET=1`` makes it an ``InterpretedFunction``, not a ``JITFunction``);
-    that one is launched directly. Used by gn_act and conv_norm_act too."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    capture_off = (_set_wrap_triton_enabled(False) if _set_wrap_triton_enabled is not None
-                   else contextlib.nullcontext())
-    with capture_off:
-        if wrap is not None:
-            try:
-                kernel = wrap(kernel)
-            except RuntimeError:
-                if not _is_interpreted(kernel):
-                    raise
-        kernel[grid](*args, **kwargs)
-
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
 
 
 def check_geometry(max_block: int, split: int | None) -> None:

@@ -35,6 +35,45 @@ _CUDA_KERNELS: dict[str, Callable] = {}
 _emulation_depth = 0
 
 
+try:  # torch >= 2.6; the supported torch (2.11-2.14) has it
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover
+    _set_wrap_triton_enabled = None
+
+
+def launch_triton(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` where torch has
+    ``wrap_triton`` (torch >= 2.6), else ``kernel[grid](...)``: every op's Triton launch.
+
+    The launch runs with wrap_triton's graph capture off, as ``torch.library.triton_op``'s
+    eager path does: the dispatcher reaches the ops' kernels only with real tensors (fake
+    and meta tensors go to the fake kernels; make_fx, export and torch.compile record each
+    op as one node), and capture in eager mode would add every launch's constants (and,
+    with ``num_warps``, a new autotuner) to torch's kernel side table at every step.
+    torch 2.11's wrap_triton refuses an interpreted kernel (``TRITON_INTERPRET=1`` makes
+    it an ``InterpretedFunction``, not a ``JITFunction``); that one is launched directly.
+    """
+    wrap = getattr(torch.library, "wrap_triton", None)
+    capture_off = (_set_wrap_triton_enabled(False) if _set_wrap_triton_enabled is not None
+                   else contextlib.nullcontext())
+    with capture_off:
+        if wrap is not None:
+            try:
+                kernel = wrap(kernel)
+            except RuntimeError:
+                if not _is_interpreted(kernel):
+                    raise
+        kernel[grid](*args, **kwargs)
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
 def register_cuda_kernel(op: str, fn: Callable) -> None:
     """Register ``fn`` as the CUDA kernel of ``op`` ("scaleinv::name"); remembered so
     that :func:`cuda_code_path_on_cpu` can route CPU tensors to it too."""

@@ -47,7 +47,7 @@ schema itself) cannot be used here; instead the op is a custom op with a fake ke
 (which checks devices, so tracing sees the same errors), hence opaque to and traceable
 by torch.compile, its Triton kernel is registered for ``CUDA`` through
 :func:`scaleinv_kernels.ops.registry.register_cuda_kernel`, and the kernel launch goes
-through ``torch.library.wrap_triton`` (see :func:`_launch`). :func:`sgd_wd_` reaches
+through ``torch.library.wrap_triton`` (see :func:`.registry.launch_triton`). :func:`sgd_wd_` reaches
 the C++ and the Triton kernel through one path, ``torch.ops.scaleinv.sgd_wd_``: the
 tensors' device picks the kernel (CPU tensors take the Triton one inside
 :func:`scaleinv_kernels.ops.registry.cuda_code_path_on_cpu`).
@@ -55,7 +55,6 @@ tensors' device picks the kernel (CPU tensors take the Triton one inside
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -66,6 +65,7 @@ from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
 from scaleinv_kernels.ops.registry import cuda_code_path_active, register_cuda_kernel
+from scaleinv_kernels.ops.registry import launch_triton as _launch
 
 STAT_COLUMNS = ("w_sq", "g_sq", "w_dot_g", "delta_sq", "w_dot_delta", "nonfinite")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -436,45 +436,6 @@ def _host_table(values: list[int], dtype: torch.dtype, device: torch.device) -> 
 
 def _pointer_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return _host_table([t.data_ptr() for t in tensors], torch.int64, device)
-
-
-try:  # torch >= 2.6; the supported torch (2.11-2.14) has it
-    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
-except ImportError:  # pragma: no cover
-    _set_wrap_triton_enabled = None
-
-
-def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` through ``torch.library.wrap_triton`` where torch
-    has it, else directly.
-
-    The launch runs with wrap_triton's graph capture off, as ``torch.library.triton_op``'s
-    own eager path does: this is the op's kernel, which the dispatcher reaches only with
-    real tensors (fake and meta tensors go to the fake kernel; make_fx, export and
-    torch.compile record the op as one node), and capture in eager mode would add the
-    launch's constants, and with ``num_warps`` a new autotuner, to torch's kernel side
-    table at every step. torch 2.11's wrap_triton refuses an interpreted kernel
-    (``TRITON_INTERPRET=1`` makes it an ``InterpretedFunction``, not a ``JITFunction``);
-    that one is launched directly."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    capture_off = (_set_wrap_triton_enabled(False) if _set_wrap_triton_enabled is not None
-                   else contextlib.nullcontext())
-    with capture_off:
-        if wrap is not None:
-            try:
-                kernel = wrap(kernel)
-            except RuntimeError:
-                if not _is_interpreted(kernel):
-                    raise
-        kernel[grid](*args, **kwargs)
-
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
 
 
 def sgd_wd_triton(

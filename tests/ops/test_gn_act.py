@@ -22,7 +22,7 @@ from scaleinv_kernels.ops import gn_act as ga
 from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
 from tests.devices import TRITON_DEVICE
-from tests.helpers import assert_bitwise, assert_close
+from tests.helpers import assert_bitwise, assert_close, spy_wrap_triton
 from tests.ops.test_norm_act import record_launches
 
 EPS = 1e-5
@@ -295,14 +295,7 @@ def test_triton_multi_program_paths(case, split):
 @pytest.mark.triton
 def test_triton_launches_go_through_wrap_triton(monkeypatch):
     """Every launch asks torch.library.wrap_triton for its kernel and the kernels run."""
-    seen = []
-    wrap = torch.library.wrap_triton
-
-    def spy(kernel):
-        seen.append(kernel)
-        return wrap(kernel)
-
-    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    seen = spy_wrap_triton(monkeypatch)
     x, w, b = _dev(*_make((2, 4, 6, 5), True, seed=4))
     out, mean, invstd, idx = ga.gn_act_pool_triton(x, w, b, 2, EPS, True, 2)
     dx, _, _ = ga.gn_act_pool_backward_triton(torch.ones_like(out), x, w, mean, invstd, out,

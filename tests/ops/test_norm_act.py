@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
 from tests.devices import TRITON_DEVICE
-from tests.helpers import assert_bitwise, assert_close
+from tests.helpers import assert_bitwise, assert_close, spy_wrap_triton
 
 # (shape, pool): odd H/W with pooling, N=1, C=1, 1x1 without pool, 3-D without pool
 CASES = [
@@ -468,14 +468,7 @@ def test_launch_geometry_keywords_are_checked():
 def test_triton_launches_go_through_wrap_triton(monkeypatch):
     """Every launch asks torch.library.wrap_triton for its kernel (torch 2.11's refuses an
     interpreted kernel, which is then launched directly) and the kernels run."""
-    seen = []
-    wrap = torch.library.wrap_triton
-
-    def spy(kernel):
-        seen.append(kernel)
-        return wrap(kernel)
-
-    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    seen = spy_wrap_triton(monkeypatch)
     x, w, b, _, _ = _dev(*_make((2, 3, 6, 5), True, seed=4))
     out, sm, si, idx = na.bn_act_pool_triton(x, w, b, None, None, EPS, True, 2)
     assert seen == [na._stats_kernel, na._fwd_kernel]

@@ -36,7 +36,7 @@ from scaleinv_kernels.ops import sgd_wd as sgd_wd_module
 from scaleinv_kernels.ops.registry import cuda_code_path_on_cpu
 from scaleinv_kernels.ops.sgd_wd import sgd_wd_, sgd_wd_reference
 from tests.devices import TRITON_DEVICE, triton_fma_is_fused
-from tests.helpers import assert_bitwise, assert_rel
+from tests.helpers import assert_bitwise, assert_rel, spy_wrap_triton
 
 CPU = torch.device("cpu")
 BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.triton)]
@@ -361,14 +361,7 @@ def test_triton_without_statistics():
 def test_triton_launch_goes_through_wrap_triton(monkeypatch):
     """The launch asks torch.library.wrap_triton for the kernel (torch 2.11's refuses an
     interpreted kernel, which is then launched directly) and the kernel runs."""
-    seen = []
-    wrap = torch.library.wrap_triton
-
-    def spy(kernel):
-        seen.append(kernel)
-        return wrap(kernel)
-
-    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    seen = spy_wrap_triton(monkeypatch)
     params, grads, _ = _inputs([(100,)], torch.float32, 12, TRITON_DEVICE)
     before = params[0].clone()
     run_op("triton", params, grads, [], [], torch.empty(0, dtype=torch.float64), [0], [1],
