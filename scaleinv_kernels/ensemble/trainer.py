@@ -44,8 +44,8 @@ class EnsembleTrainer:
             memory for large M; the optimizer still steps all members at once.
         progress: show a tqdm bar over epochs (mean training loss as postfix).
 
-    Dropout masks come from the global torch RNG (reproducible for a fixed global seed
-    and chunking, not per member).
+    Dropout masks come from each member's own random stream (``ensemble.random``): a
+    member's masks, hence its trajectory, do not depend on ``chunk_size`` or sharding.
     """
 
     def __init__(
