@@ -129,5 +129,11 @@ def enter_process_wide_mode() -> None:
     global _PROCESS_WIDE
     if os.environ.get(BACKEND_ENV) != "triton" or _PROCESS_WIDE is not None:
         return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"{BACKEND_ENV}=triton sends CPU tensors through the CUDA code path, which "
+            "needs the Triton interpreter: set TRITON_INTERPRET=1 too (before triton is "
+            f"imported). CUDA tensors take the Triton kernels by default: unset {BACKEND_ENV} "
+            "for that.")
     _PROCESS_WIDE = contextlib.ExitStack()
     _PROCESS_WIDE.enter_context(cuda_code_path_on_cpu())
