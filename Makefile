@@ -54,6 +54,7 @@ bench: $(STAMP)
 		--benchmark-json=.benchmarks/latest.json -p no:cacheprovider
 	$(PY) benchmarks/report.py .benchmarks/latest.json
 	$(PY) benchmarks/ensemble_report.py
+	$(PY) benchmarks/ensemble_report.py --model resnet20 --members 16
 
 # Fig. 4 of the paper, quick preset: writes out/fig4-equilibrium/{figure.png,result.json}
 demo: $(STAMP)
