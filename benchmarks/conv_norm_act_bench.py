@@ -87,7 +87,8 @@ def main() -> None:
         raise SystemExit("the C++ extension is not built; the fused variant would be the "
                          "torch reference")
     retained = retain_freed_memory()
-    print(f"# conv_bn_act_pool benchmark, {datetime.date.today()}, {platform.node()}, "
+    utc_date = datetime.datetime.now(datetime.timezone.utc).date()
+    print(f"# conv_bn_act_pool benchmark, {utc_date}, {platform.node()}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"freed memory retained: {retained}")
     print("| case | fused ms | two ops ms | torch ms | fused ×floor | vs two ops | vs torch "

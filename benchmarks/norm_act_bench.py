@@ -152,7 +152,8 @@ def main() -> None:
         raise SystemExit("the C++ extension is not built; the fused variant would be the "
                          "torch reference")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"# bn_act_pool benchmark, {datetime.date.today()}, {platform.node()}, "
+    utc_date = datetime.datetime.now(datetime.timezone.utc).date()
+    print(f"# bn_act_pool benchmark, {utc_date}, {platform.node()}, "
           f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"freed memory retained: {retained}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
