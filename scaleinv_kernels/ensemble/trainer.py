@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scaleinv_kernels.ensemble.ensemble import Ensemble
-from scaleinv_kernels.ensemble.metrics import predict
+from scaleinv_kernels.ensemble.function_space import predict
 from scaleinv_kernels.ensemble.seeding import STREAM_DATA, member_generator
 
 Schedule = Callable[[int], tuple[Any, Any]]

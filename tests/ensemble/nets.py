@@ -193,3 +193,37 @@ class SmallSqueezeNet(nn.Module):
 
     def forward(self, x):
         return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+class FakeEnsemble(nn.Module):
+    """M linear classifiers: weight [M, K, F], bias [M, K]; logits = x @ W_iᵀ + b_i."""
+
+    def __init__(self, M: int, F: int, K: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(M, K, F, generator=g))
+        self.bias = nn.Parameter(torch.randn(M, K, generator=g))
+        self.calls: list[tuple[slice, int, bool, bool]] = []  # (members, B, training, grad)
+
+    @property
+    def n_members(self) -> int:
+        return self.weight.shape[0]
+
+    def _sel(self, members: slice | None) -> slice:
+        return slice(None) if members is None else members
+
+    def forward(self, x: torch.Tensor, members: slice | None = None) -> torch.Tensor:
+        s = self._sel(members)
+        return torch.einsum("mbf,mkf->mbk", x, self.weight[s]) + self.bias[s][:, None]
+
+    def forward_shared(self, x: torch.Tensor, members: slice | None = None) -> torch.Tensor:
+        s = self._sel(members)
+        self.calls.append((s, x.shape[0], self.training, torch.is_grad_enabled()))
+        return torch.einsum("bf,mkf->mbk", x, self.weight[s]) + self.bias[s][:, None]
+
+    def member(self, i: int) -> nn.Linear:
+        lin = nn.Linear(self.weight.shape[2], self.weight.shape[1])
+        with torch.no_grad():
+            lin.weight.copy_(self.weight[i])
+            lin.bias.copy_(self.bias[i])
+        return lin
