@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.scaleinv-installed
 
-.PHONY: install test test-matrix test-oldest test-newest gpu-check lint bench demo \
-	demo-stats clean
+.PHONY: install test test-matrix test-oldest test-newest gpu-check lint bench bench-report \
+	demo demo-stats clean
 
 # The matrix legs run the whole suite too (a few minutes each on 2 cores): every bitwise
 # promise, the Triton kernels under that leg's interpreter, the ensemble and experiments.
@@ -55,6 +55,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/report.py .benchmarks/latest.json
 	$(PY) benchmarks/ensemble_report.py
 	$(PY) benchmarks/ensemble_report.py --model resnet20 --members 16
+	$(MAKE) bench-report
+
+# docs/benchmarks.md (and the README's benchmark table) from benchmarks/results/*.json,
+# which the benchmark scripts write; never edited by hand
+bench-report: $(STAMP)
+	$(PY) benchmarks/bench_report.py --readme README.md
 
 # Fig. 4 of the paper, quick preset: writes out/fig4-equilibrium/{figure.png,result.json}
 demo: $(STAMP)

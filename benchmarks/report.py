@@ -1,13 +1,16 @@
-"""Print the FusedSGDWD benchmark report (markdown) for this CPU.
+"""Run the FusedSGDWD benchmark, print its report (markdown) and write it as JSON.
 
     python benchmarks/report.py [bench.json] [--repeats 9] [--min-time 0.25] [--strict]
+                                [--json benchmarks/results/sgd_wd_report.json]
 
 Runs the interleaved suite of ``sgd_wd_cases.py`` (the authoritative numbers: every
 variant and the triad bandwidth ceiling timed round-robin in this one process, medians
-of the repeats), checks the issue's targets, and, when given the JSON written by
-``pytest benchmarks --benchmark-only --benchmark-json=...``, appends those sequential
-pytest-benchmark medians as a cross-check. ``--strict`` exits with status 1 when a target
-fails (by default the report is informational and exits 0).
+of the repeats) and checks the performance targets. Given the JSON written by
+``pytest benchmarks --benchmark-only --benchmark-json=...``, it adds those sequential
+pytest-benchmark medians as a cross-check. The tables go to stdout and, in the schema
+of ``bench_report.py``, to ``--json`` (``make bench-report`` renders them into
+``docs/benchmarks.md``). ``--strict`` exits with status 1 when a target fails (by
+default the report is informational and exits 0).
 """
 
 from __future__ import annotations
@@ -25,29 +28,69 @@ import time
 from pathlib import Path
 
 import torch
-from sgd_wd_cases import (  # benchmarks/ is on sys.path when run as a script
+from bench_report import machine, render_table, write_results  # benchmarks/ is on sys.path
+from sgd_wd_cases import (
+    BYTES_PER_PARAM,
     CASES,
     MODES,
+    REF_FUSED,
+    REF_NORMS,
     VARIANTS,
     CaseResult,
+    Target,
     Timing,
     check_targets,
-    format_case_table,
-    format_targets,
+    floor_seconds,
     run_suite,
 )
 
 from scaleinv_kernels import FusedSGDWD
 
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "sgd_wd_report.json"
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+
+def case_table(res: CaseResult, ceiling_gbps: float | None, title: str,
+               note: str = "") -> dict:
+    """One case as a results table: median ms, IQR, speed-ups, GB/s and, given a ceiling
+    (triad GB/s), time / floor."""
+    case, tim = res.case, res.timings
+    floor = floor_seconds(case, ceiling_gbps) if ceiling_gbps else None
+    columns = ["variant", "median ms", "IQR ms", "× vs fused+norms", "× vs fused",
+               f"GB/s @{BYTES_PER_PARAM} B/param"]
+    if floor is not None:
+        columns.append("time / triad floor")
+    rows = []
+    for key, t in tim.items():
+        m = t.median
+        lo, hi = t.iqr
+        row = [VARIANTS.get(key, key), round(m * 1e3, 3), f"{lo * 1e3:.3f}–{hi * 1e3:.3f}",
+               round(tim[REF_NORMS].median / m, 2) if REF_NORMS in tim else "n/a",
+               round(tim[REF_FUSED].median / m, 2) if REF_FUSED in tim else "n/a",
+               round(case.bytes_per_step / m / 1e9, 1)]
+        if floor is not None:
+            row.append(round(m / floor, 2))
+        rows.append(row)
+    desc = (f"{case.n_tensors} tensors, {case.numel / 1e6:.2f} M params, "
+            f"{case.bytes_per_step / 1e6:.1f} MB moved per step"
+            + (f", triad floor {floor * 1e3:.2f} ms" if floor is not None else ""))
+    return {"title": f"{title}: {case.title}", "columns": columns, "rows": rows,
+            "note": f"{desc}. {note}".strip()}
+
+
+def targets_table(by_mode: dict[str, list[Target]], note: str) -> dict:
+    modes = list(by_mode)
+    columns = ["target", "bound"]
+    for m in modes:
+        columns += [f"{m}: measured", f"{m}: result"]
+    rows = []
+    for i, t in enumerate(by_mode[modes[0]]):
+        row = [t.description, f"{'≥' if t.higher_is_better else '≤'} {t.bound:g}"]
+        for m in modes:
+            tm = by_mode[m][i]
+            row += [round(tm.value, 2), "PASS" if tm.passed else "FAIL"]
+        rows.append(row)
+    return {"title": "Targets (FusedSGDWD, track_stats=True)", "columns": columns,
+            "rows": rows, "note": note}
 
 
 def git_state() -> str:
@@ -78,8 +121,7 @@ def header(args: argparse.Namespace, load_start: str) -> list[str]:
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
-        f"torch threads {torch.get_num_threads()}, "
+        f"- machine: {machine()['cpu']}, torch threads {torch.get_num_threads()}, "
         f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
         f"triton {triton_v}",
@@ -135,7 +177,7 @@ def load_avg() -> str:
         return "n/a"
 
 
-def pytest_benchmark_tables(path: Path) -> str:
+def pytest_benchmark_tables(path: Path) -> list[dict]:
     """Medians per case/variant from a pytest-benchmark JSON file (sequential runs)."""
     data = json.loads(path.read_text())
     by_case: dict[str, dict[str, Timing]] = {}
@@ -146,22 +188,20 @@ def pytest_benchmark_tables(path: Path) -> str:
         if case in CASES and variant in VARIANTS:
             by_case.setdefault(case, {})[variant] = Timing(
                 variant, [], 1, (st["q1"], st["median"], st["q3"]))
-    if not by_case:
-        return f"(no FusedSGDWD benchmarks found in {path})"
-    out = [f"## Cross-check: pytest-benchmark, sequential (`{path}`, "
-           f"{data.get('datetime', '?')})", "",
-           "Not interleaved; ratios only (no ceiling measured in that run). IQR column "
-           "is pytest-benchmark's q1–q3.", ""]
+    note = ("pytest-benchmark, sequential runs, not interleaved; no ceiling measured in "
+            "that run. IQR is pytest-benchmark's q1–q3.")
+    out = []
     for key, timings in by_case.items():
         ordered = {k: timings[k] for k in VARIANTS if k in timings}
-        out += [format_case_table(CaseResult(CASES[key](), ordered), ceiling_gbps=None), ""]
-    return "\n".join(out)
+        out.append(case_table(CaseResult(CASES[key](), ordered), None,
+                              "Cross-check (pytest-benchmark)", note))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bench_json", nargs="?", type=Path,
-                        help="pytest-benchmark JSON to append as a cross-check")
+                        help="pytest-benchmark JSON to add as a cross-check")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (>= 5)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="cold: cache flushed before each step; warm: back to back. "
@@ -172,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triad-mib", type=int, default=256, help="MiB per triad array")
     parser.add_argument("--flush-mib", type=int, default=None,
                         help="cold mode: MiB read between steps (default 2x L3, >= 512)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                        help="results file for bench_report.py (default: %(default)s)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 if a target fails in the first mode")
     args = parser.parse_args(argv)
@@ -180,51 +222,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.triad_mib < 256:
         parser.error("--triad-mib must be >= 256 (the ceiling must not fit in cache)")
 
+    command = shlex.join(["python", "benchmarks/report.py", *sys.argv[1:]])
     lines = header(args, load_avg())
     quiet = OtherCpu()
     time.sleep(1.0)
-    if quiet.fraction() > 0.05:
-        lines.append("- **warning: other processes used "
-                     f"{100 * quiet.fraction():.0f} % of the CPUs just before the run**")
+    busy_before = quiet.fraction()
+    if busy_before > 0.05:
+        lines.append(f"- **warning: other processes used {100 * busy_before:.0f} % of the "
+                     "CPUs just before the run**")
     others = OtherCpu()
     results = run_suite(args.cases, repeats=args.repeats, modes=args.modes,
                         min_time=args.min_time, triad_mib=args.triad_mib,
                         flush_mib=args.flush_mib,
                         log=lambda s: print(f"[report] {s}", file=sys.stderr))
+    busy = others.fraction()
     lines += [
         f"- load average after the run: {load_avg()}; other processes used "
         f"{others.share()} during the run"
-        + (" — **timings with 2 threads are unreliable**" if others.fraction() > 0.05 else ""),
-        f"- ceilings, {args.triad_mib} MiB per fp32 array, 12 B/element counted, timed "
-        "in the same round-robins as the variants (median of all their samples): "
-        + "; ".join(f"{r.mode}: triad `a = b + s*c` **{r.triad_gbps:.1f} GB/s**, in-place "
-                    f"`a += s*c` {r.axpy_gbps:.1f} GB/s" for r in results),
-        "",
-        "Columns: median and IQR (over the interleaved repeats) of the per-step time; "
-        "speed-up = baseline time / variant time (> 1: faster than torch fused + norms, "
-        "resp. torch fused); GB/s counts 20 B per fp32 param (read w, g, buf; write w, buf); "
-        "triad floor = 20 B/param at the triad bandwidth of the same mode (1.00 = at the "
-        "floor; the triad's destination costs an uncounted write-allocate read, so in-place "
-        "steps can go below 1).",
-        "",
+        + (" — **timings with 2 threads are unreliable**" if busy > 0.05 else ""),
     ]
+    setting = ("fp32, lr 0.01, momentum 0.9, weight decay 5e-4, steps on fixed gradients; "
+               f"{args.repeats} interleaved repeats per entry (warm: >= {args.min_time} s of "
+               "back-to-back steps per repeat; cold: 1-5 steps per repeat, each after a cache "
+               "flush). Columns: median and IQR over the repeats of the per-step time; "
+               "speed-up = baseline time / variant time; GB/s counts 20 B per fp32 param "
+               "(read w, g, buf; write w, buf); time / triad floor: 1.00 = at the time the "
+               "triad bandwidth allows for those 20 B/param."
+               + (f" Other processes used {100 * busy:.0f} % of the CPUs during the run."
+                  if busy > 0.05 else ""))
+    tables = [{
+        "title": "Bandwidth ceilings",
+        "columns": ["mode", "triad a = b + s*c (GB/s)", "in-place a += s*c (GB/s)"],
+        "rows": [[r.mode, round(r.triad_gbps, 1), round(r.axpy_gbps, 1)] for r in results],
+        "note": f"{args.triad_mib} MiB per fp32 array, 12 B/element counted, timed in the "
+                "same round-robins as the variants (median of all their samples). "
+                + " ".join(f"{m}: {MODES[m]}." for m in args.modes)}]
     for r in results:
-        lines += [f"## {r.mode}: {MODES[r.mode]}", ""]
         for res in r.cases:
-            lines += [format_case_table(res, r.triad_gbps), ""]
+            tables.append(case_table(res, r.triad_gbps, f"{r.mode}", setting))
     by_mode = {r.mode: check_targets(r) for r in results}
     first = by_mode[results[0].mode]
-    lines += ["## Targets (FusedSGDWD, track_stats=True)", "",
-              f"Judged on **{results[0].mode}** (the floor is a DRAM floor); other modes "
-              "for reference.", "", format_targets(by_mode), "",
-              f"{sum(t.passed for t in first)}/{len(first)} targets pass ({results[0].mode}).",
-              ""]
+    if first:
+        tables.append(targets_table(
+            by_mode, f"Judged on {results[0].mode} (the floor is a DRAM floor); "
+                     f"{sum(t.passed for t in first)}/{len(first)} pass there."))
     if args.bench_json is not None:
         if args.bench_json.exists():
-            lines += [pytest_benchmark_tables(args.bench_json), ""]
+            tables += pytest_benchmark_tables(args.bench_json)
         else:
-            lines += [f"({args.bench_json} not found: no pytest-benchmark cross-check)", ""]
+            lines.append(f"- ({args.bench_json} not found: no pytest-benchmark cross-check)")
+    for t in tables:
+        lines += ["", render_table(t, level=2)]
     print("\n".join(lines))
+    write_results(args.json, "FusedSGDWD against torch.optim.SGD (CPU)", command,
+                  [{"machine": machine(), "tables": tables}])
+    print(f"[report] wrote {args.json}", file=sys.stderr)
     return 1 if args.strict and not all(t.passed for t in first) else 0
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from scaleinv_kernels import FusedSGDWD
 
-# Hyper-parameters of every variant (the issue's setting: fp32, momentum 0.9, wd 5e-4).
+# Hyper-parameters of every variant: fp32, momentum 0.9, weight decay 5e-4.
 LR = 0.01
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
@@ -466,7 +466,7 @@ class Target:
 
 def check_targets(result: SuiteResult, ceiling_gbps: float | None = None,
                   subject: str = "fsgd_stats") -> list[Target]:
-    """The issue's targets for ``subject`` (FusedSGDWD with stats), on the cases run."""
+    """The performance targets for ``subject`` (FusedSGDWD with stats), on the cases run."""
     gbps = result.triad_gbps if ceiling_gbps is None else ceiling_gbps
     out: list[Target] = []
     for res in result.cases:
