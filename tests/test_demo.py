@@ -2,17 +2,13 @@
 
 import json
 import math
-import time
 
 from scaleinv_kernels.experiments import demo
 
 
 def test_demo_smoke(tmp_path, capsys):
-    start = time.perf_counter()
     result = demo.main(["--max-steps", "20", "--every", "2", "--no-progress",
                         "--out", str(tmp_path)])
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20, f"the smoke run took {elapsed:.1f} s"
 
     png = tmp_path / "stats.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -35,8 +31,19 @@ def test_demo_smoke(tmp_path, capsys):
         assert math.isfinite(au) and 0 < au < 1
         assert math.isclose(saved["final_angular_update_ratio"][name], au / predicted,
                             rel_tol=1e-5)
-    assert 0.0 <= saved["test_accuracy"] <= 1.0
-    assert math.isfinite(saved["runtime_seconds"]) and saved["runtime_seconds"] > 0
+    assert list(saved["final_effective_lr"]) == layers
+    assert all(math.isfinite(v) and v > 0 for v in saved["final_effective_lr"].values())
+    assert 0 < saved["final_window_steps"] <= saved["steps"]
+    assert math.isfinite(saved["final_train_loss"]) and saved["final_train_loss"] > 0
+    for key in ("train_accuracy", "test_accuracy", "test_accuracy_ema_batchnorm"):
+        assert 0.0 <= saved[key] <= 1.0, key
+    # 20 steps learn something: the last batch's loss is below that of a uniform guess over
+    # the 10 classes (ln 10 ≈ 2.30) and the test accuracy above chance (0.1 on 1000 points;
+    # its sampling error at p ≈ 0.1 is ≈ 0.01, so random labels would not pass)
+    assert saved["final_train_loss"] < math.log(10)
+    assert saved["test_accuracy"] > 0.1
+    # the run took time and the training part of it is inside the whole
+    assert 0 < saved["train_seconds"] <= saved["runtime_seconds"]
 
     summary = capsys.readouterr().out
     assert str(png) in summary and "predicted" in summary.lower()
