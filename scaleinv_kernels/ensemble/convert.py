@@ -56,8 +56,9 @@ def _names(kinds) -> str:
     return ", ".join(k.__name__ for k in kinds)
 
 
-#: What the converter batches and what it refuses, by kind: the README's "Converted" list
-#: is rendered from this table (:func:`supported_markdown`, checked by a test).
+#: What the converter batches and what it refuses, by kind: the "converted" list of
+#: docs/ensembles.md is rendered from this table (:func:`supported_markdown`, checked by a
+#: test).
 SUPPORTED = {
     "member layers (parameters and batch statistics per member)": ", ".join(
         f"{k.__name__} ({_CONVERTED_DETAILS[k.__name__]})" if k.__name__ in _CONVERTED_DETAILS
@@ -288,7 +289,7 @@ SUPPORTED["the model's own forward code"] = SUPPORTED_FUNCTIONS
 
 
 def supported_markdown() -> str:
-    """The README's "Converted" list, rendered from :data:`SUPPORTED`."""
+    """The "converted" list of docs/ensembles.md, rendered from :data:`SUPPORTED`."""
     return "\n".join(f"  - {kind}: {what}." for kind, what in SUPPORTED.items())
 
 

@@ -192,6 +192,7 @@ class EnsembleTrainer:
                 "optimizer": self.optimizer.state_dict(), "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; a checkpoint of another ``seed`` is refused."""
         if state.get("seed") != self.seed:
             raise ValueError(f"EnsembleTrainer.load_state_dict: checkpoint seed "
                              f"{state.get('seed')} differs from this trainer's {self.seed}")

@@ -242,12 +242,13 @@ def test_negative_dim_resolving_to_the_batch_is_refused_at_the_first_call():
         ens(torch.randn(2, 5, 4))
 
 
-def test_readme_converted_list_is_the_converters_table():
+def test_docs_converted_list_is_the_converters_table():
     from pathlib import Path
 
     from scaleinv_kernels.ensemble.convert import supported_markdown
 
-    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    doc = Path(__file__).resolve().parents[2] / "docs" / "ensembles.md"
+    lines = doc.read_text().splitlines()
     start = lines.index("  <!-- converted:start -->")
     end = lines.index("  <!-- converted:end -->")
     assert "\n".join(lines[start + 1:end]) == supported_markdown()
