@@ -1,4 +1,4 @@
-"""One-shot GPU check of the package for a lent CUDA machine: builds, tests, checks, times.
+"""One-shot GPU check of the package on a CUDA machine: builds, tests, checks, times.
 
     python3 benchmarks/gpu_suite.py --out DIR [--budget 450] [--dry-run]
 
