@@ -190,3 +190,36 @@ def test_machine_entry_follows_the_schema():
     br.validate({"title": "t", "command": "c", "runs": [
         {"machine": m, "tables": [{"title": "t", "columns": ["a"], "rows": [], "note": ""}]}]},
         "machine()")
+
+
+def _bench_module(name: str):
+    bench_dir = str(ROOT / "benchmarks")
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    return importlib.import_module(name)
+
+
+def test_sgd_wd_report_tables_follow_the_schema_and_carry_the_timings():
+    cases = _bench_module("sgd_wd_cases")
+    report = _bench_module("report")
+    rng = random.Random(8)
+    case = cases.tiny_case()
+    fake = {k: cases.Timing(k, [rng.uniform(1e-4, 1e-2) for _ in range(5)], 1)
+            for k in cases.VARIANTS}
+    res = cases.CaseResult(case, fake)
+    gbps = rng.uniform(5, 50)
+    table = report.case_table(res, gbps, "cold", "setting")
+    br.validate({"title": "t", "command": "c",
+                 "runs": [{"machine": br.machine(), "tables": [table]}]}, "case_table")
+    assert [row[0] for row in table["rows"]] == [cases.VARIANTS[k] for k in fake]
+    floor = cases.floor_seconds(case, gbps)
+    for row, t in zip(table["rows"], fake.values()):
+        assert row[1] == pytest.approx(t.median * 1e3, abs=5e-4)  # rounded to µs
+        assert row[3] == pytest.approx(fake[cases.REF_NORMS].median / t.median, abs=5e-3)
+        assert row[-1] == pytest.approx(t.median / floor, abs=5e-3)
+    assert "time / triad floor" not in report.case_table(res, None, "x")["columns"]
+    target = cases.Target("a target", rng.uniform(0, 3), 2.0, True)
+    tt = report.targets_table({"cold": [target], "warm": [target]}, "note")
+    assert tt["rows"][0][0] == "a target"
+    assert tt["rows"][0][2] == round(target.value, 2)
+    assert tt["rows"][0][3] == ("PASS" if target.value >= 2.0 else "FAIL")
