@@ -55,7 +55,22 @@ What would falsify each claim, and the rule the run applies (``claims``):
 * control "averaging different inits does not help": the cross-init average scores at
   least the mean single snapshot at some control epoch (``control_no_gain`` false).
 
-Measured: see the end of this docstring.
+Measured (quick: ``python -m scaleinv_kernels.experiments fig3-swa --preset quick --out
+out --threads 1``, seed 0; AMD EPYC with AVX2, 2 cores shared with other jobs, torch 2.13;
+126 s). The total norm settles at ≈ 4.7 by epoch 5. Single snapshots from epoch 10 on
+score 93.3–96.0 % (mean 94.9 %). SWA over the fixed windows 10–19, 20–29, 30–39: 96.0,
+96.2, 96.3 % (run means; every run 95.9–96.6 %) against the best single snapshot of the
+window 95.5, 95.7, 95.6 % and the window mean 94.8, 94.9, 94.9 % — ``swa_beats_best``
+true in every window. Control: averaging the 4 runs' snapshots of the same epoch gives
+62.7, 67.1, 66.6, 60.7 % at epochs 10, 20, 30, 39 against 94.6–95.0 % for the single
+snapshots — a large loss, ``control_no_gain`` true, so the SWA gain comes from
+snapshots sharing a basin. Distance: the mean ‖w(t) − w(t+Δ)‖ grows monotonically from
+1.58 at Δ = 1 to 3.13 at Δ = 29 (``monotone`` true, no plateau); strictly monotone rows:
+only 17 % of the 116 (run, start) pairs, but every row trends upward (Spearman ρ ≥ 0.80,
+``min_rank_correlation``). Angles: fc1 0.35 → 0.72 rad, fc2 0.30 → 0.58 rad from Δ = 1
+to 29, still rising, against 1.56–1.57 rad between different inits
+(``max_angle_fraction`` 0.46): the directions keep drifting and stay correlated with
+where they were; no plateau at π/2 within 29 epochs. ``keeps_moving`` true.
 """
 
 from __future__ import annotations
