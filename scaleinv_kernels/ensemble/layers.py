@@ -43,8 +43,8 @@ from scaleinv_kernels.ops.conv_norm_act import conv_bn_act_pool
 from scaleinv_kernels.ops.direct_conv import SUPPORTED_DTYPES as DIRECT_DTYPES
 from scaleinv_kernels.ops.direct_conv import direct_conv2d
 from scaleinv_kernels.ops.gn_act import gn_act_pool, gn_act_pool_reference
-from scaleinv_kernels.ops.norm_act import SUPPORTED_DTYPES as FUSED_NORM_DTYPES
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+from scaleinv_kernels.ops.norm_common import SUPPORTED_DTYPES as FUSED_NORM_DTYPES
 from scaleinv_kernels.ops.registry import cuda_code_path_active
 from scaleinv_kernels.optim.members import mark_members
 

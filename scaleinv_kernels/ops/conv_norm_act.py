@@ -67,19 +67,21 @@ Backends: C++ on CPU (``csrc/conv_norm_act.cpp``; autograd in C++ for every devi
 the op runs the materialised path — cuDNN's convolution, the Triton ``bn_act_pool``
 forward (when Triton is installed) and :func:`patch_moments`; its backward is
 :func:`conv_bn_act_pool_backward_torch` (the Triton ``bn_act_pool`` backward takes x̂ from
-``out`` through the bias, which this op's backward is not given). The ``*_torch``
-functions are the contract in torch ops (float64 statistics and sums), the oracle of the
-op-level tests; :func:`conv_bn_act_pool_reference` is the unfused layers
+``out`` through the bias, which this op's backward is not given). Names follow the rule
+of :mod:`scaleinv_kernels.ops.norm_common`: the ``*_torch`` functions are the contract in
+torch ops (float64 statistics and sums), the oracle of the op-level tests;
+:func:`conv_bn_act_pool_triton` is the CUDA forward with triton (cuDNN, then the Triton
+``bn_act_pool`` forward); :func:`conv_bn_act_pool_reference` is the unfused layers
 (``F.conv2d`` → ``F.batch_norm`` → ``relu`` → ``max_pool2d``) and
 :func:`conv_bn_act_pool` the layer the ensemble calls (it also updates the running
-statistics).
+statistics, with :func:`~scaleinv_kernels.ops.norm_common.update_running_stats`).
 
 Registration: the schema lives in C++ (``csrc/registration.cpp``), so the op is a
 registered custom op with a fake kernel, not a ``torch.library.triton_op``; its CUDA
 kernels are registered through
 :func:`~scaleinv_kernels.ops.registry.register_cuda_kernel`, and its only Triton launches,
 those of the ``bn_act_pool`` forward, are wrapped by ``torch.library.wrap_triton``
-(:func:`~scaleinv_kernels.ops.norm_act.launch`). Without triton the CUDA forward is
+(:func:`~scaleinv_kernels.ops.registry.launch_triton`). Without triton the CUDA forward is
 :func:`conv_bn_act_pool_torch`, which says so once in the log, with the fix
 (``pip install triton``); the CUDA backward is :func:`conv_bn_act_pool_backward_torch`
 either way.
@@ -93,7 +95,19 @@ from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
 from scaleinv_kernels.ops import direct_conv as dc
-from scaleinv_kernels.ops import norm_act as na
+from scaleinv_kernels.ops.norm_act import (
+    bn_act_pool_backward_torch,
+    bn_act_pool_reference,
+    bn_act_pool_torch,
+    bn_act_pool_triton,
+)
+from scaleinv_kernels.ops.norm_common import (
+    empty_outputs,
+    running_stats_args,
+    torch_cuda_fallback,
+    update_running_stats,
+    validate_bn,
+)
 from scaleinv_kernels.ops.registry import register_cuda_kernel
 
 OP = "scaleinv::conv_bn_act_pool"
@@ -165,13 +179,20 @@ def validate_forward(x: Tensor, conv_weight: Tensor, groups: int, padding: list[
                      op: str = "scaleinv::conv_bn_act_pool: ") -> None:
     """Raise ValueError/TypeError naming the offending argument."""
     validate_conv(x, conv_weight, groups, padding, op)
+    _validate_norm(x, conv_weight, padding, weight, bias, mean, invstd, eps, op)
+
+
+def _validate_norm(x: Tensor, conv_weight: Tensor, padding: list[int], weight: Tensor | None,
+                   bias: Tensor | None, mean: Tensor | None, invstd: Tensor | None,
+                   eps: float, op: str) -> None:
+    """The BatchNorm part's checks on the convolution's output (after validate_conv)."""
     _, _, hc, wc = conv_geometry(x, conv_weight, padding)
     if mean is None and invstd is None and x.shape[0] * hc * wc <= 1:
         raise ValueError(f"{op}training needs more than 1 value per channel (N·Hc·Wc > 1), "
                          f"got N = {x.shape[0]} with a {hc}x{wc} convolution output; give "
                          "mean and invstd (eval) for an empty batch")
-    na.validate_forward(_conv_out_like(x, conv_weight, padding), weight, bias, mean, invstd,
-                        eps, 2, op)
+    validate_bn(_conv_out_like(x, conv_weight, padding), weight, bias, mean, invstd, eps, 2,
+                op)
 
 
 def validate_backward(grad_out: Tensor, x: Tensor, conv_weight: Tensor, groups: int,
@@ -212,9 +233,9 @@ def conv_bn_act_pool_reference(x: Tensor, conv_weight: Tensor, groups: int,
     and differentiable in x too)."""
     pad = _padding_pair(padding, "conv_bn_act_pool_reference: ")
     y = F.conv2d(x, conv_weight, None, 1, tuple(pad), 1, groups)
-    return na.bn_act_pool_reference(y, weight, bias, running_mean, running_var,
-                                    training=training, momentum=momentum, eps=eps, relu=relu,
-                                    pool=2)
+    return bn_act_pool_reference(y, weight, bias, running_mean, running_var,
+                                 training=training, momentum=momentum, eps=eps, relu=relu,
+                                 pool=2)
 
 
 # ----------------------------------------------------------------------------------
@@ -273,7 +294,7 @@ def conv_bn_act_pool_torch(x: Tensor, conv_weight: Tensor, groups: int, padding:
     statistics in float64 (:func:`~scaleinv_kernels.ops.norm_act.bn_act_pool_torch`),
     moments by :func:`patch_moments`."""
     return _forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps, relu,
-                    na.bn_act_pool_torch)
+                    bn_act_pool_torch)
 
 
 def conv_bn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, conv_weight: Tensor,
@@ -293,7 +314,7 @@ def conv_bn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, conv_weight: Te
     if not any(want):
         return None, None, None
     y = F.conv2d(x, conv_weight, None, 1, tuple(padding), 1, groups)
-    dy, grad_w, grad_b = na.bn_act_pool_backward_torch(
+    dy, grad_w, grad_b = bn_act_pool_backward_torch(
         grad_out, y, weight, None, save_mean, save_invstd, out, index, training, relu, 2,
         [True, want[1], want[2]])
     grad_cw = None
@@ -313,7 +334,7 @@ def _fake_forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, e
     padding = list(padding)
     validate_forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps)
     y = _conv_out_like(x, conv_weight, padding)
-    out, index = na.empty_outputs(y, 2)
+    out, index = empty_outputs(y, 2)
     c, k = y.shape[1], conv_geometry(x, conv_weight, padding)[1]
     moments = x.new_empty((groups, k, k + 1) if mean is None else (0,), dtype=torch.float64)
     return out, x.new_empty(c), x.new_empty(c), index, moments
@@ -328,13 +349,13 @@ def _fake_backward(grad_out, x, conv_weight, groups, padding, weight, save_mean,
             x.new_empty(c) if output_mask[2] else None)
 
 
-def conv_bn_act_pool_cuda(x: Tensor, conv_weight: Tensor, groups: int, padding: list[int],
-                          weight: Tensor | None, bias: Tensor | None, mean: Tensor | None,
-                          invstd: Tensor | None, eps: float, relu: bool
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_bn_act_pool_triton(x: Tensor, conv_weight: Tensor, groups: int,
+                            padding: list[int], weight: Tensor | None, bias: Tensor | None,
+                            mean: Tensor | None, invstd: Tensor | None, eps: float,
+                            relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The CUDA forward with triton: y by cuDNN, then the Triton bn_act_pool forward."""
     return _forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps, relu,
-                    na.bn_act_pool_triton)
+                    bn_act_pool_triton)
 
 
 def _register() -> None:
@@ -343,9 +364,9 @@ def _register() -> None:
     # autograd: in C++ (csrc/norm_act_autograd.cpp), for every device. CUDA: cuDNN and
     # the Triton bn_act_pool forward (the module docstring says why).
     if triton_available():
-        register_cuda_kernel(OP, conv_bn_act_pool_cuda)
+        register_cuda_kernel(OP, conv_bn_act_pool_triton)
     else:
-        register_cuda_kernel(OP, na.torch_cuda_fallback(OP, conv_bn_act_pool_torch))
+        register_cuda_kernel(OP, torch_cuda_fallback(OP, conv_bn_act_pool_torch))
     register_cuda_kernel(OP + "_backward", conv_bn_act_pool_backward_torch)
 
 
@@ -381,9 +402,9 @@ def conv_bn_act_pool(x: Tensor, conv_weight: Tensor, groups: int,
         raise ValueError(f"{op}x requires grad, but this layer computes no gradient for its "
                          "input (it fuses a network's input layer); use direct_conv2d or "
                          "F.conv2d followed by bn_act_pool where x needs one")
-    mean, invstd = na.norm_stats_args(x, conv_weight.shape[0], running_mean, running_var,
+    mean, invstd = running_stats_args(x, conv_weight.shape[0], running_mean, running_var,
                                       training, eps, op)
-    validate_forward(x, conv_weight, groups, padding, weight, bias, mean, invstd, eps, op)
+    _validate_norm(x, conv_weight, padding, weight, bias, mean, invstd, eps, op)
     if not extension_loaded():
         log_once("compiled extension not loaded; conv_bn_act_pool runs the torch reference")
         return conv_bn_act_pool_reference(x, conv_weight, groups, padding, weight, bias,
@@ -393,6 +414,6 @@ def conv_bn_act_pool(x: Tensor, conv_weight: Tensor, groups: int,
         x, conv_weight, groups, padding, weight, bias, mean, invstd, float(eps), bool(relu))
     if training and running_mean is not None:
         _, _, hc, wc = conv_geometry(x, conv_weight, padding)
-        na.update_running_stats(running_mean, running_var, save_mean, save_invstd,
-                                x.shape[0] * hc * wc, momentum, eps)
+        update_running_stats(running_mean, running_var, save_mean, save_invstd,
+                             x.shape[0] * hc * wc, momentum, eps)
     return out

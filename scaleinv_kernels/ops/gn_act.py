@@ -1,8 +1,9 @@
 """``scaleinv::gn_act_pool`` — fused GroupNorm → ReLU → MaxPool2d(2), forward and backward.
 
-The GroupNorm mode of :mod:`scaleinv_kernels.ops.norm_act`: the same window kernels
-(normalize, ReLU, 2×2 max with a one-byte index; routed gradient sums; dx written once),
-driven per (sample, group) instead of per channel. In an ensemble ``[B, m·C, H, W]`` view,
+The GroupNorm mode of ``bn_act_pool`` (:mod:`scaleinv_kernels.ops.norm_act`): the same
+window kernels (normalize, ReLU, 2×2 max with a one-byte index; routed gradient sums; dx
+written once, all in :mod:`scaleinv_kernels.ops.norm_common`), driven per (sample, group)
+instead of per channel. In an ensemble ``[B, m·C, H, W]`` view,
 member i's G groups are groups ``i·G .. i·G+G−1`` of ``m·G``, so one call covers all
 members with their own affine parameters.
 
@@ -31,25 +32,28 @@ Contract (same for every backend)::
   ``output_mask[1]``/``[2]``, else None). ``grad_x`` is always computed.
 
 Backends: C++ on CPU (``csrc/norm_act.cpp``, autograd in ``csrc/norm_act_autograd.cpp``);
-on CUDA the Triton kernels of ``bn_act_pool`` (:func:`gn_act_pool_triton`): its
+on CUDA the Triton kernels ``bn_act_pool`` runs too (:func:`gn_act_pool_triton`): the
 statistics kernel over the ``[1, N·G, C/G·H·W]`` view (one "channel" per sample and
-group), its eval-mode forward and its backward kernels over the ``[1, N·C, H, W]`` view
+group), the eval-mode forward and the backward kernels over the ``[1, N·C, H, W]`` view
 (one "channel" per plane) with per-plane statistics and dx coefficients formed from the
 group sums by a few torch ops on ``[N, C]`` tensors. The x̂-from-out identity of
 ``bn_act_pool``'s backward is not used here: a group's planes are still in L1/L2 when
 the dx pass reads x again. Float32/float64 only (float64 on CUDA: the torch ops of
 :func:`gn_act_pool_torch`); the ensemble runs torch's unfused layers for other dtypes.
 :func:`gn_act_pool_reference` is the layer in plain torch (``F.group_norm`` → ``relu``
-→ ``F.max_pool2d``).
+→ ``F.max_pool2d``). Names follow the rule stated in
+:mod:`scaleinv_kernels.ops.norm_common` (the layer, ``*_reference``, ``*_torch``,
+``*_triton``).
 
 Registration as for ``bn_act_pool`` (see :mod:`scaleinv_kernels.ops.norm_act`): the
 schema lives in C++, so the op is a registered custom op with a fake kernel rather than
 a ``torch.library.triton_op``; its CUDA kernels are registered through
 :func:`~scaleinv_kernels.ops.registry.register_cuda_kernel`, its Triton launches are
-wrapped by ``torch.library.wrap_triton`` (:func:`~scaleinv_kernels.ops.norm_act.launch`),
-and without triton the CUDA kernels are :func:`gn_act_pool_torch` and
-:func:`gn_act_pool_backward_torch`, logged once with the fix (``pip install triton``).
-The Triton launchers take bn_act_pool's ``max_block``/``split`` keywords, which force
+wrapped by ``torch.library.wrap_triton`` (``launch``,
+:func:`~scaleinv_kernels.ops.registry.launch_triton`), and without triton the CUDA
+kernels are :func:`gn_act_pool_torch` and :func:`gn_act_pool_backward_torch`, logged
+once with the fix (``pip install triton``). The Triton launchers take the
+``max_block``/``split`` keywords of :mod:`scaleinv_kernels.ops.norm_common`, which force
 several blocks per plane and several programs per reduction on small shapes (tests).
 """
 
@@ -60,31 +64,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scaleinv_kernels._extension import extension_loaded, log_once, triton_available
-from scaleinv_kernels.ops import norm_act as na
-from scaleinv_kernels.ops.norm_act import (
-    _bcast,
-    _check_vec,
-    _routed_grad,
-    launch,
-    validate_x,
+from scaleinv_kernels.ops.norm_common import (
+    MAX_BLOCK,
+    act_pool_torch,
+    bcast_channels,
+    block_size,
+    bwd_dx_kernel,
+    bwd_reduce_kernel,
+    empty_outputs,
+    fake_grads,
+    fwd_kernel,
+    plane_geometry,
+    routed_grad_torch,
+    split_reduction,
+    stats_kernel,
+    torch_cuda_fallback,
+    validate_gn,
+    validate_launch_geometry,
 )
+from scaleinv_kernels.ops.registry import launch_triton as launch
 from scaleinv_kernels.ops.registry import register_cuda_kernel
 
+if triton_available():
+    import triton
+
 OP = "scaleinv::gn_act_pool"
-
-
-def validate(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-             pool: int, op: str = "scaleinv::gn_act_pool: ") -> None:
-    """Raise ValueError/TypeError naming the offending argument."""
-    validate_x(x, pool, op)
-    c = x.shape[1]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c % groups:
-        raise ValueError(f"{op}groups must be an int >= 1 that divides the {c} channels, "
-                         f"got {groups!r}")
-    if eps < 0:
-        raise ValueError(f"{op}eps must be >= 0, got {eps}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_vec(op, name, t, x, c)
 
 
 def gn_act_pool_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
@@ -104,24 +108,16 @@ def gn_act_pool_torch(x: Tensor, weight: Tensor | None, bias: Tensor | None, gro
                       eps: float, relu: bool, pool: int
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward op's contract with torch ops (statistics in float64)."""
-    validate(x, weight, bias, groups, eps, pool)
+    validate_gn(x, weight, bias, groups, eps, pool)
     n, c = x.shape[0], x.shape[1]
     var, m = torch.var_mean(_group_view(x.double(), groups), dim=2, correction=0)
     mean, invstd = m.to(x.dtype), (var + eps).rsqrt().to(x.dtype)  # [N, G]
     per = c // groups
     mc = mean.repeat_interleave(per, 1).reshape(n, c, *[1] * (x.dim() - 2))
     ic = invstd.repeat_interleave(per, 1).reshape(n, c, *[1] * (x.dim() - 2))
-    alpha = ic * _bcast(weight, x) if weight is not None else ic
-    beta = -mc * alpha if bias is None else _bcast(bias, x) - mc * alpha
-    y = x * alpha + beta
-    if relu:
-        y = torch.relu(y)
-    if pool == 2:
-        w = y.shape[3]
-        out, flat = F.max_pool2d(y, 2, return_indices=True)
-        index = ((flat // w) % 2 * 2 + flat % w % 2).to(torch.uint8)
-    else:
-        out, index = y, x.new_empty(0, dtype=torch.uint8)
+    alpha = ic * bcast_channels(weight, x) if weight is not None else ic
+    beta = -mc * alpha if bias is None else bcast_channels(bias, x) - mc * alpha
+    out, index = act_pool_torch(x * alpha + beta, relu, pool)
     return out, mean, invstd, index
 
 
@@ -131,15 +127,15 @@ def gn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
                                output_mask: list[bool]
                                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The backward op's contract with torch ops (sums in float64)."""
-    validate(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
+    validate_gn(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
     n, c = x.shape[0], x.shape[1]
     per = c // groups
     shape = (n, c, *[1] * (x.dim() - 2))
     mc = save_mean.double().repeat_interleave(per, 1).reshape(shape)
     ic = save_invstd.double().repeat_interleave(per, 1).reshape(shape)
-    g = _routed_grad(grad_out, x, out, index, relu, pool).double()
+    g = routed_grad_torch(grad_out, x, out, index, relu, pool).double()
     xhat = (x.double() - mc) * ic
-    wg = g * _bcast(weight.double(), x) if weight is not None else g
+    wg = g * bcast_channels(weight.double(), x) if weight is not None else g
     cnt = per * (x[0, 0].numel())
     a = _group_view(wg, groups).sum(2).repeat_interleave(per, 1).reshape(shape) / cnt
     b = _group_view(wg * xhat, groups).sum(2).repeat_interleave(per, 1).reshape(shape) / cnt
@@ -151,25 +147,25 @@ def gn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
 
 
 def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
-                       eps: float, relu: bool, pool: int, *, max_block: int = na.MAX_BLOCK,
+                       eps: float, relu: bool, pool: int, *, max_block: int = MAX_BLOCK,
                        split: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton implementation of the forward contract (float64: torch ops); ``max_block``
     and ``split`` force the launch geometry as for
     :func:`~scaleinv_kernels.ops.norm_act.bn_act_pool_triton` (the op passes neither)."""
-    validate(x, weight, bias, groups, eps, pool)
-    na.check_geometry(max_block, split)
+    validate_gn(x, weight, bias, groups, eps, pool)
+    validate_launch_geometry(max_block, split)
     if x.dtype == torch.float64:
         return gn_act_pool_torch(x, weight, bias, groups, eps, relu, pool)
     x = x.contiguous()
-    n, c, h, w, ho, wo = na._geometry(x, pool)
+    n, c, h, w, ho, wo = plane_geometry(x, pool)
     per, planes = c // groups, n * c
-    out, index = na.empty_outputs(x, pool)
+    out, index = empty_outputs(x, pool)
     if x.numel() == 0:
         return out, x.new_empty(n, groups), x.new_empty(n, groups), index
     blocks, total = n * groups, per * h * w  # (sample, group) blocks: contiguous runs
     sums = torch.zeros(blocks, 2, dtype=torch.float64, device=x.device)
-    programs, per_prog = na._split(blocks, total, max_block, x.device, split)
-    launch(na._stats_kernel, (blocks, programs), x, sums, blocks, total, total, per_prog,
+    programs, per_prog = split_reduction(blocks, total, max_block, x.device, split)
+    launch(stats_kernel, (blocks, programs), x, sums, blocks, total, total, per_prog,
            BLOCK=max_block, num_warps=8)
     # the statistics as _fwd_kernel forms them in training mode (fp64, shifted sums)
     shift = x.view(blocks, total)[:, 0].double()
@@ -182,9 +178,9 @@ def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, gr
     inv_p = invstd.repeat_interleave(per, 1).reshape(-1)
     w_p = weight.repeat(n) if weight is not None else x
     b_p = bias.repeat(n) if bias is not None else x
-    block = na._block(ho * wo, max_block)
+    block = block_size(ho * wo, max_block)
     launch(
-        na._fwd_kernel, (planes, triton.cdiv(ho * wo, block)), x, w_p, b_p, sums, mean_p,
+        fwd_kernel, (planes, triton.cdiv(ho * wo, block)), x, w_p, b_p, sums, mean_p,
         inv_p, out, index if pool == 2 else out, planes, w, h * w, wo, ho * wo, h * w,
         float(eps), TRAINING=False, HAS_W=weight is not None,
         HAS_B=bias is not None, RELU=bool(relu), POOL=pool, BLOCK=block, num_warps=4)
@@ -194,19 +190,19 @@ def gn_act_pool_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, gr
 def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | None,
                                 save_mean: Tensor, save_invstd: Tensor, out: Tensor,
                                 index: Tensor, groups: int, relu: bool, pool: int,
-                                output_mask: list[bool], *, max_block: int = na.MAX_BLOCK,
+                                output_mask: list[bool], *, max_block: int = MAX_BLOCK,
                                 split: int | None = None
                                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Triton implementation of the backward contract (float64: torch ops); ``max_block``
     and ``split`` as for :func:`gn_act_pool_triton`."""
-    validate(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
-    na.check_geometry(max_block, split)
+    validate_gn(x, weight, None, groups, 0.0, pool, op="scaleinv::gn_act_pool_backward: ")
+    validate_launch_geometry(max_block, split)
     if x.dtype == torch.float64:
         return gn_act_pool_backward_torch(grad_out, x, weight, save_mean, save_invstd, out,
                                           index, groups, relu, pool, output_mask)
     x, grad_out, out = x.contiguous(), grad_out.contiguous(), out.contiguous()
     index = index.contiguous() if pool == 2 else out
-    n, c, h, w, ho, wo = na._geometry(x, pool)
+    n, c, h, w, ho, wo = plane_geometry(x, pool)
     per, planes = c // groups, n * c
     dx = torch.empty_like(x)
     psums = torch.zeros(planes, 2, dtype=torch.float64, device=x.device)
@@ -214,9 +210,9 @@ def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
     inv_p = save_invstd.contiguous().repeat_interleave(per, 1).reshape(-1)
     if x.numel():
         # per plane: sum(g), sum(g * (x - mean)) (x at the argmax, never out)
-        programs, per_prog = na._split(planes, ho * wo, max_block, x.device, split)
+        programs, per_prog = split_reduction(planes, ho * wo, max_block, x.device, split)
         launch(
-            na._bwd_reduce_kernel, (planes, programs), grad_out, x,
+            bwd_reduce_kernel, (planes, programs), grad_out, x,
             torch.zeros(planes, dtype=torch.int8, device=x.device), mean_p, out, index,
             psums, planes, w, h * w, wo, ho * wo, ho * wo, per_prog, RELU=bool(relu),
             POOL=pool, BLOCK=max_block, num_warps=8)
@@ -233,9 +229,9 @@ def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
                         (-inv ** 3 * b / cnt).repeat_interleave(per, 1)], dim=2)
     coef = coef.reshape(planes, 3).to(x.dtype).contiguous()
     if x.numel():
-        block = na._block(h * w, max_block)
+        block = block_size(h * w, max_block)
         launch(
-            na._bwd_dx_kernel, (planes, triton.cdiv(h * w, block)), grad_out, x, x, mean_p,
+            bwd_dx_kernel, (planes, triton.cdiv(h * w, block)), grad_out, x, x, mean_p,
             inv_p, out, index, psums, coef, dx, planes, w, h * w, ho, wo, ho * wo, h * w,
             TRAINING=True, HAS_W=False, RELU=bool(relu), POOL=pool,
             BLOCK=block, COEF=True, num_warps=4)
@@ -246,15 +242,15 @@ def gn_act_pool_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor | No
 
 
 def _fake_forward(x, weight, bias, groups, eps, relu, pool):
-    validate(x, weight, bias, groups, eps, pool)
-    out, index = na.empty_outputs(x, pool)
+    validate_gn(x, weight, bias, groups, eps, pool)
+    out, index = empty_outputs(x, pool)
     n = x.shape[0]
     return out, x.new_empty(n, groups), x.new_empty(n, groups), index
 
 
 def _fake_backward(grad_out, x, weight, save_mean, save_invstd, out, index, groups, relu,
                    pool, output_mask):
-    return na.fake_grads(x, output_mask)
+    return fake_grads(x, output_mask)
 
 
 def _register() -> None:
@@ -265,13 +261,10 @@ def _register() -> None:
         register_cuda_kernel(OP, gn_act_pool_triton)
         register_cuda_kernel(OP + "_backward", gn_act_pool_backward_triton)
     else:
-        register_cuda_kernel(OP, na.torch_cuda_fallback(OP, gn_act_pool_torch))
+        register_cuda_kernel(OP, torch_cuda_fallback(OP, gn_act_pool_torch))
         register_cuda_kernel(OP + "_backward",
-                             na.torch_cuda_fallback(OP, gn_act_pool_backward_torch))
+                             torch_cuda_fallback(OP, gn_act_pool_backward_torch))
 
-
-if triton_available():
-    import triton
 
 if extension_loaded():
     _register()
@@ -284,7 +277,7 @@ def gn_act_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
     Same semantics as :func:`gn_act_pool_reference`; differentiable in x, weight and
     bias. Without the compiled extension it runs that reference (logged once).
     """
-    validate(x, weight, bias, groups, eps, pool, op="gn_act_pool: ")
+    validate_gn(x, weight, bias, groups, eps, pool, op="gn_act_pool: ")
     if not extension_loaded():
         log_once("compiled extension not loaded; gn_act_pool runs the torch reference")
         return gn_act_pool_reference(x, weight, bias, groups, eps=eps, relu=relu, pool=pool)

@@ -453,7 +453,7 @@ def test_cuda_path_with_triton_bn_matches_torch_contract(training, fp32_convolut
     mean, invstd = (None, None) if training else (rm, rv.add(EPS).rsqrt())
     args = (x, cw, groups, padding, w, b, mean, invstd, EPS, True)
     dev = [t.to(TRITON_DEVICE) if isinstance(t, torch.Tensor) else t for t in args]
-    got = [t.cpu() for t in cna.conv_bn_act_pool_cuda(*dev)]  # the CUDA forward with triton
+    got = [t.cpu() for t in cna.conv_bn_act_pool_triton(*dev)]  # the CUDA forward with triton
     ref = cna.conv_bn_act_pool_torch(*args)
     for name, g, r in zip(("out", "save_mean", "save_invstd", "index", "moments"), got, ref):
         assert g.dtype == r.dtype and g.shape == r.shape, name

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleinv_kernels.ops import norm_act as na
+from scaleinv_kernels.ops import norm_common as nc
 from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
 from tests.devices import TRITON_DEVICE
 from tests.helpers import assert_bitwise, assert_close, spy_wrap_triton
@@ -411,7 +412,7 @@ def record_launches(module):
     """Record (kernel name, grid) of every Triton launch ``module`` makes through
     ``launch`` in the block."""
     launches = []
-    real = na.launch
+    real = module.launch
 
     def spy(kernel, grid, *args, **kwargs):
         launches.append((kernel.fn.__name__, grid))
@@ -448,9 +449,9 @@ def test_triton_multi_program_paths(case, split):
         _triton_vs_contract(shape, pool, relu, affine, training, seed=split, max_block=16,
                             split=split)
     kernels = {name for name, _ in launches}
-    assert {"_fwd_kernel", "_bwd_dx_kernel"} <= kernels
-    assert ("_stats_kernel" in kernels) == training
-    assert ("_bwd_reduce_kernel" in kernels) == (training or affine)
+    assert {"fwd_kernel", "bwd_dx_kernel"} <= kernels
+    assert ("stats_kernel" in kernels) == training
+    assert ("bwd_reduce_kernel" in kernels) == (training or affine)
     for name, grid in launches:
         assert grid[1] > 1, f"{name} ran one program per plane/channel: {grid}"
 
@@ -471,10 +472,10 @@ def test_triton_launches_go_through_wrap_triton(monkeypatch):
     seen = spy_wrap_triton(monkeypatch)
     x, w, b, _, _ = _dev(*_make((2, 3, 6, 5), True, seed=4))
     out, sm, si, idx = na.bn_act_pool_triton(x, w, b, None, None, EPS, True, 2)
-    assert seen == [na._stats_kernel, na._fwd_kernel]
+    assert seen == [nc.stats_kernel, nc.fwd_kernel]
     dx, _, _ = na.bn_act_pool_backward_triton(torch.ones_like(out), x, w, b, sm, si, out, idx,
                                               True, True, 2, [True, True, True])
-    assert seen[2:] == [na._bwd_reduce_kernel, na._bwd_dx_kernel]
+    assert seen[2:] == [nc.bwd_reduce_kernel, nc.bwd_dx_kernel]
     assert bool(torch.isfinite(dx).all()) and bool(out.abs().sum() > 0)
 
 
@@ -482,23 +483,23 @@ ROOT = Path(__file__).resolve().parents[2]  # the AOT scripts import tests.aot
 
 AOT_SCRIPT = r"""
 import json, sys
-from scaleinv_kernels.ops import norm_act as m
+from scaleinv_kernels.ops import norm_common as m
 from tests.aot import compile_for, ptxas_usage
 P, F, I = "*fp32", "fp32", "i32"
 kernels = {
-    "stats": (m._stats_kernel, dict(x_ptr=P, sums_ptr="*fp64", C=I, HW=I, total=I,
+    "stats": (m.stats_kernel, dict(x_ptr=P, sums_ptr="*fp64", C=I, HW=I, total=I,
                                      per_prog=I), [dict(BLOCK=1024)]),
-    "fwd": (m._fwd_kernel, dict(x_ptr=P, w_ptr=P, b_ptr=P, sums_ptr="*fp64", mean_ptr=P,
+    "fwd": (m.fwd_kernel, dict(x_ptr=P, w_ptr=P, b_ptr=P, sums_ptr="*fp64", mean_ptr=P,
                                 invstd_ptr=P, out_ptr=P, ind_ptr="*u8", C=I, W=I, HW=I, Wo=I,
                                 HWo=I, count=I, eps=F),
             [dict(TRAINING=True, HAS_W=True, HAS_B=True, RELU=True, POOL=2, BLOCK=256),
              dict(TRAINING=False, HAS_W=False, HAS_B=False, RELU=False, POOL=0, BLOCK=1024)]),
-    "bwd_reduce": (m._bwd_reduce_kernel, dict(gout_ptr=P, x_ptr=P, from_out_ptr="*i8",
+    "bwd_reduce": (m.bwd_reduce_kernel, dict(gout_ptr=P, x_ptr=P, from_out_ptr="*i8",
                                               shift_ptr=P, out_ptr=P, ind_ptr="*u8",
                                               sums_ptr="*fp64", C=I, W=I, HW=I, Wo=I, HWo=I,
                                               total=I, per_prog=I),
                    [dict(RELU=True, POOL=2, BLOCK=1024), dict(RELU=False, POOL=0, BLOCK=1024)]),
-    "bwd_dx": (m._bwd_dx_kernel, dict(gout_ptr=P, x_ptr=P, w_ptr=P, mean_ptr=P, invstd_ptr=P,
+    "bwd_dx": (m.bwd_dx_kernel, dict(gout_ptr=P, x_ptr=P, w_ptr=P, mean_ptr=P, invstd_ptr=P,
                                       out_ptr=P, ind_ptr="*u8", sums_ptr="*fp64", coef_ptr=P,
                                       dx_ptr=P, C=I, W=I, HW=I, Ho=I, Wo=I, HWo=I, count=I),
                [dict(TRAINING=True, HAS_W=True, RELU=True, POOL=2, BLOCK=1024, COEF=False),
