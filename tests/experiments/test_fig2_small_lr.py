@@ -172,3 +172,34 @@ def test_smoke_triggered(tmp_path, one_thread, monkeypatch):
     r = run_experiment(tmp_path, NAME, "--preset", "smoke")
     assert r["reached"]
     _check_run(r, c)
+
+
+def interrupted_then_resumed(tmp_path, monkeypatch, name: str) -> tuple[dict, dict]:
+    """(uninterrupted result, result of a run stopped right after its first checkpoint
+    and continued with --resume), both of the smoke preset, without runtimes."""
+    from scaleinv_kernels.experiments import cli, common
+
+    class Stop(Exception):
+        pass
+
+    whole = run_experiment(tmp_path / "whole", name, "--preset", "smoke")
+    write = common.RunContext.checkpoint
+
+    def write_then_stop(self, state):
+        write(self, state)
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(common.RunContext, "checkpoint", write_then_stop)
+        with pytest.raises(Stop):
+            cli.main([name, "--preset", "smoke", "--out", str(tmp_path / "cut"),
+                      "--no-progress"])
+    resumed = run_experiment(tmp_path / "cut", name, "--preset", "smoke", "--resume")
+    for r in (whole, resumed):
+        r.pop("runtime_s")
+    return whole, resumed
+
+
+def test_resume_is_exact(tmp_path, one_thread, monkeypatch):
+    whole, resumed = interrupted_then_resumed(tmp_path, monkeypatch, NAME)
+    assert resumed == whole

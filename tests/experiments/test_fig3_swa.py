@@ -10,6 +10,7 @@ import torch
 
 from scaleinv_kernels.experiments import fig3_swa as fig3
 from scaleinv_kernels.experiments.fig3_swa import PRESETS, distance_vs_lag
+from tests.experiments.test_fig2_small_lr import interrupted_then_resumed
 from tests.helpers import run_experiment
 
 NAME = "fig3-swa"
@@ -136,3 +137,8 @@ def test_smoke(tmp_path, one_thread):
     assert all(0 < v < math.pi for v in r["angle_cross_init"].values())
     assert all(len(v) == E - 1 - d0 for v in r["angle_vs_lag"].values())
     assert r["claims"] == pytest.approx(fig3.claims(r))
+
+
+def test_resume_is_exact(tmp_path, one_thread, monkeypatch):
+    whole, resumed = interrupted_then_resumed(tmp_path, monkeypatch, NAME)
+    assert resumed == whole
