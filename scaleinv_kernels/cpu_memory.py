@@ -7,21 +7,22 @@ with fresh ``mmap`` pages and returns them to the kernel when freed, and it trim
 of the heap once more than twice that threshold is free there. An ensemble's training
 step allocates and frees activations of several MiB each (a chunk of 4 normalized CNNs at
 batch 64: 12.8 MB per layer-1 tensor) dozens of times per chunk, so every step takes tens
-of thousands of minor page faults, each zeroing a 4 KiB page: measured on the 2-core
-benchmark machine at M=64, 21 000–35 000 faults and ~0.1 s of kernel time per step of
-~0.6 s, against ~1 fault per step for the eager loop of single models (whose tensors are
-4× smaller). With the thresholds raised the ensemble step took 1 000–2 400 faults and
-529–544 ms instead of 581–642 ms (same peak RSS, 0.51–0.56 GB).
+of thousands of minor page faults, each zeroing a 4 KiB page, and the kernel time they
+cost is a noticeable share of the step, where the eager loop of single models (whose
+tensors are 4× smaller) takes about one fault per step. With the thresholds raised the
+ensemble step takes an order of magnitude fewer faults and less time, at the same peak
+resident size.
 
 :func:`retain_freed_memory` raises both thresholds for the whole process (this is what
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` in the environment would do at
 start-up; jemalloc or tcmalloc via ``LD_PRELOAD`` are the usual alternatives). Freed
 memory then stays in the process for reuse, and the resident size does not drop between
 steps; with aligned allocations of varying placement the heap can hold a few freed blocks
-more than the live peak before it settles (measured: 16 rounds of allocating and freeing
-a 48 MiB tensor settle after ~8 rounds, ~340 MB above the baseline; the M=64 ensemble
-step above kept its 0.48 GB over 16 steps). :class:`~scaleinv_kernels.ensemble.Ensemble`
-calls it at its first call on CPU tensors (``retain_cpu_memory=True``, the default).
+more than the live peak before it settles (repeatedly allocating and freeing one large
+tensor settles after a few rounds, some such blocks above the baseline; an ensemble's
+training step keeps its peak resident size from step to step).
+:class:`~scaleinv_kernels.ensemble.Ensemble` calls it at its first call on CPU tensors
+(``retain_cpu_memory=True``, the default).
 """
 
 from __future__ import annotations

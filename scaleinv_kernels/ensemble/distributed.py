@@ -118,11 +118,11 @@ def close_distributed(info: DistInfo, *, synchronize: bool = True) -> None:
     With ``synchronize`` (the run finished on this rank) every rank first meets at a
     barrier, so that none tears its group down while another still finishes its last
     collectives: without it a gloo rank sometimes aborted at the end of a successful run
-    ("terminate called without an active exception": 1 run in 5 of the 2- and 3-process
-    test on the 2-core CI machine under load; with it 1 in ~50, so the barrier narrows a
-    teardown race inside torch's gloo backend rather than removing it). After a failure
-    (``synchronize=False``) there is no barrier: it would only wait for the other ranks'
-    timeout."""
+    ("terminate called without an active exception", in the 2- and 3-process tests on a
+    loaded machine). With it such aborts are much rarer but still possible: the barrier
+    narrows a teardown race inside torch's gloo backend rather than removing it. After a
+    failure (``synchronize=False``) there is no barrier: it would only wait for the other
+    ranks' timeout."""
     if info.distributed and dist.is_initialized():
         if synchronize:
             _collective("the closing barrier", info, dist.barrier)

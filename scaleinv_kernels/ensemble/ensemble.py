@@ -57,8 +57,9 @@ class Ensemble(nn.Module):
         retain_cpu_memory: at the first call on a CPU tensor, call
             :func:`scaleinv_kernels.cpu_memory.retain_freed_memory` (glibc keeps freed CPU
             memory for reuse, process-wide): an ensemble's activations are big enough that
-            glibc otherwise maps and page-faults them in afresh at nearly every allocation
-            (measured: 0.58–0.64 s → 0.53–0.54 s per step of 64 CNNs in chunks of 4). An
+            glibc otherwise maps and page-faults them in afresh at nearly every allocation,
+            which makes a CPU training step measurably slower (see
+            :mod:`scaleinv_kernels.cpu_memory`). An
             ensemble that only runs on CUDA never calls it; False leaves malloc alone.
 
     Parameters and buffers have shape ``[M, *shape]`` and live in :attr:`net` under the

@@ -187,10 +187,10 @@ class MemberConv(MemberLayer):
     stride 1, dilation 1 and padding < kernel size only, else ``ValueError`` at the call).
     ``impl="auto"`` (default): grouped on CUDA and on CPU when a group has at least 4
     input channels; below that on CPU, direct where it applies (and the compiled extension
-    is loaded), else the loop. Measured on this 2-core CPU (4 members, batch 64, fwd+bwd,
-    3×3): 1→16 channels at 28×28, grouped 15.9 ms, loop 7.5 ms, direct 3.5 ms (oneDNN's
-    grouped kernel with one input channel per group is slow); 16→32 at 14×14, grouped
-    7.8 ms vs loop 12.4 ms; 32→32 at 7×7, 4.1 vs 6.6 ms.
+    is loaded), else the loop. The thresholds follow CPU measurements of forward +
+    backward (4 members, batch 64, 3×3 kernels): with one input channel per group direct
+    beats the loop and the loop beats oneDNN's grouped kernel, which is slow for that
+    shape; from 16 input channels per group on, the grouped convolution beats the loop.
     """
 
     def __init__(self, convs: Sequence[nn.Conv1d | nn.Conv2d], ctx: MemberContext,

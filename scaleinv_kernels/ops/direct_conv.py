@@ -2,10 +2,10 @@
 
 The first convolution of an ensemble of M CNNs is a grouped convolution with
 ``groups = M`` and 1 (grey) or 3 (RGB) input channels per group. oneDNN's CPU kernels for
-that shape are slow (4 members × 1→16 channels at 28×28, batch 64, forward + weight
-gradient: 15.9 ms grouped, 7.5 ms as a per-member loop plus the stacking copy); with so
-few input channels the convolution does ~2·C_in·K² FLOP per output element and is bound
-by writing its output and reading grad_out. This op computes it directly (C++ in
+that shape are slow (forward + weight gradient of the grouped convolution take longer
+than a per-member loop of convolutions plus the stacking copy); with so few input
+channels the convolution does ~2·C_in·K² FLOP per output element and is bound by writing
+its output and reading grad_out. This op computes it directly (C++ in
 ``csrc/direct_conv.cpp``; see there for the "flat rows" algorithm).
 
 Contract::
