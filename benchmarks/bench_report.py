@@ -184,7 +184,7 @@ def render_table(table: dict[str, Any], level: int = 4) -> str:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    return (f"{m['cpu']}; ISA {m['isa']}; torch {m['torch']}; {m['threads']} threads; "
+    return (f"{m['cpu']}; ISA {m['isa']}; torch {m['torch']}; torch threads: {m['threads']}; "
             f"{m['date']}")
 
 

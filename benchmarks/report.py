@@ -1,7 +1,7 @@
 """Run the FusedSGDWD benchmark, print its report (markdown) and write it as JSON.
 
-    python benchmarks/report.py [bench.json] [--repeats 9] [--min-time 0.25] [--strict]
-                                [--json benchmarks/results/sgd_wd_report.json]
+    python benchmarks/report.py [bench.json] [--repeats 9] [--min-time 0.25] [--threads N]
+                                [--strict] [--json benchmarks/results/sgd_wd_report.json]
 
 Runs the interleaved suite of ``sgd_wd_cases.py`` (the authoritative numbers: every
 variant and the triad bandwidth ceiling timed round-robin in this one process, medians
@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triad-mib", type=int, default=256, help="MiB per triad array")
     parser.add_argument("--flush-mib", type=int, default=None,
                         help="cold mode: MiB read between steps (default 2x L3, >= 512)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="results file for bench_report.py (default: %(default)s)")
     parser.add_argument("--strict", action="store_true",
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 5 (medians of at least 5 interleaved repeats)")
     if args.triad_mib < 256:
         parser.error("--triad-mib must be >= 256 (the ceiling must not fit in cache)")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
 
     command = shlex.join(["python", "benchmarks/report.py", *sys.argv[1:]])
     lines = header(args, load_avg())
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"- load average after the run: {load_avg()}; other processes used "
         f"{others.share()} during the run"
-        + (" — **timings with 2 threads are unreliable**" if busy > 0.05 else ""),
+        + (" — **timings are unreliable**" if busy > 0.05 else ""),
     ]
     setting = ("fp32, lr 0.01, momentum 0.9, weight decay 5e-4, steps on fixed gradients; "
                f"{args.repeats} interleaved repeats per entry (warm: >= {args.min_time} s of "

@@ -73,8 +73,8 @@ def test_report_has_every_title_machine_and_cell_from_the_input(tmp_path: Path, 
         assert f"Command: `{doc['command']}`" in md
         for run in doc["runs"]:
             m = run["machine"]
-            for value in (m["cpu"], m["isa"], f"torch {m['torch']}", f"{m['threads']} threads",
-                          m["date"]):
+            for value in (m["cpu"], m["isa"], f"torch {m['torch']}",
+                          f"torch threads: {m['threads']}", m["date"]):
                 assert value in md
             for table in run["tables"]:
                 assert f" {table['title']}\n" in md
