@@ -2,6 +2,7 @@
 
     scaleinv <experiment> [--preset smoke|quick|full] [--data mnist5k|mnist|cifar10]
              [--data-root DIR] [--out DIR] [--device cpu|cuda] [--seed N] [--resume]
+             [--init shared|independent]
 
 (also ``python -m scaleinv_kernels.experiments ...``). Writes
 ``<out>/<experiment>/result.json`` and ``figure.png``; long runs checkpoint to
@@ -35,6 +36,7 @@ EXPERIMENTS = {
     "fig4-equilibrium": "scaleinv_kernels.experiments.fig4_equilibrium",
     "explr": "scaleinv_kernels.experiments.explr",
     "equilibrium-norm": "scaleinv_kernels.experiments.equilibrium_norm",
+    "mixing-time": "scaleinv_kernels.experiments.mixing_time",
 }
 DATASETS = ("mnist5k", "mnist", "cifar10")
 
@@ -64,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's choice, one per core); use 1 "
                         "when other jobs share the CPU — oversubscribed small convolutions "
                         "run several times slower")
+    p.add_argument("--init", choices=("shared", "independent"), default=None,
+                   help="ensemble experiments (fig4-equilibrium, mixing-time): every member "
+                        "from one initialization, or each from its own (default: the "
+                        "preset's)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -82,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     config = dict(module.PRESETS[args.preset])
+    if args.init is not None:
+        if "init" not in config:
+            print(f"scaleinv: {args.experiment} has no ensemble initialization to choose "
+                  "(--init applies to fig4-equilibrium and mixing-time)", file=sys.stderr)
+            return 2
+        config["init"] = args.init
     uses_data = getattr(module, "USES_DATA", True)
     data = (args.data or config.get("data", "mnist5k")) if uses_data else None
     if args.data is not None and not uses_data:

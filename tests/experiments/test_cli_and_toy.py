@@ -28,7 +28,8 @@ def test_cli_errors(tmp_path, capsys):
     assert cli.main(["fig4-equilibrium", "--data", "cifar10", "--out", str(tmp_path)]) == 2
     assert "--data-root" in capsys.readouterr().err
     assert set(cli.EXPERIMENTS) == {"fig1-toy", "fig1-fullbatch", "fig2-small-lr", "fig3-swa",
-                                    "fig4-equilibrium", "explr", "equilibrium-norm"}
+                                    "fig4-equilibrium", "explr", "equilibrium-norm",
+                                    "mixing-time"}
 
 
 def test_cli_device_cuda(tmp_path, capsys):
