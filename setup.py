@@ -1,9 +1,16 @@
 """Build script: the C++ CPU kernels in csrc/ become scaleinv_kernels._C.
 
-SCALEINV_BUILD_EXT=0 gives a pure-Python install (the ops then run their plain-torch
-references on CPU and say so once in the log). Nothing here probes the hardware: the
-kernels carry their own AVX2/AVX-512 builds and pick one at run time, so the wheel runs
-on any x86-64 machine.
+Environment variables:
+
+* ``SCALEINV_BUILD_EXT=0``: a pure-Python install (the ops then run their plain-torch
+  references on CPU and say so once in the log).
+* ``SCALEINV_DEBUG_INFO=1``: keep debug information in ``_C``. By default the extension is
+  built with ``-g0``, because Python's own CFLAGS (``-DNDEBUG -g -fwrapv -O3``), which
+  setuptools passes to every extension, add ``-g`` and with it DWARF data many times the
+  size of the code itself (the machine code is the same either way).
+
+Nothing here probes the hardware: the kernels carry their own AVX2/AVX-512 builds and
+pick one at run time, so the wheel runs on any x86-64 machine.
 """
 
 import os
@@ -31,6 +38,8 @@ if os.environ.get("SCALEINV_BUILD_EXT", "1") != "0":
                 "-ffp-contract=off",
                 "-fno-math-errno",
                 "-fopenmp",
+                # after Python's CFLAGS on the command line, so it overrides their -g
+                *([] if os.environ.get("SCALEINV_DEBUG_INFO") == "1" else ["-g0"]),
             ],
             extra_link_args=["-fopenmp"],
         )
