@@ -272,6 +272,27 @@ def _d2_from_counts(ca: Tensor, cb: Tensor, m1: Tensor | int, m2: Tensor | int,
     return (within_a + within_b - 2 * cross) / n_points
 
 
+def _d2_resampled(wa: Tensor, wb: Tensor, oa: Tensor, ob: Tensor, n_points: int) -> Tensor:
+    """D̂² of bootstrap replicates: member multiplicities wa [R, M1], wb [R, M2] (float32,
+    each row sums to M), one-hot label columns oa [M1, C], ob [M2, C].
+
+    The within-ensemble terms count agreeing pairs of draws of DIFFERENT original members
+    only, Σ_{i≠j} w_i w_j 1[l_i = l_j] / Σ_{i≠j} w_i w_j = Σ_k (n_k² − Σ_{i∈k} w_i²) /
+    (M² − Σ_i w_i²): a member drawn twice does not "agree with itself". Counting those
+    self-pairs (n_k(n_k − 1) on the resampled counts) would add a random number of sure
+    agreements to every replicate and inflate the bootstrap spread several-fold (measured:
+    5× the sampling sd of D̂² for 24 members per ensemble)."""
+    def within(w: Tensor, o: Tensor) -> Tensor:
+        n = (w @ o).double()                      # [R, C] resampled counts
+        self_pairs = ((w * w) @ o).double()       # [R, C] Σ_{i∈k} w_i²
+        m = w.shape[1]
+        pairs = float(m) ** 2 - (w.double() ** 2).sum(1)  # [R] Σ_{i≠j} w_i w_j
+        return (n * n - self_pairs).sum(1) / pairs
+
+    cross = ((wa @ oa).double() * (wb @ ob).double()).sum(1) / (wa.shape[1] * wb.shape[1])
+    return (within(wa, oa) + within(wb, ob) - 2 * cross) / n_points
+
+
 def d2_statistic(preds_a: Tensor, preds_b: Tensor, num_classes: int) -> float:
     """Unbiased estimate of D² = mean_n Σ_k (p_nk − q_nk)² from two ensembles.
 
@@ -318,13 +339,21 @@ def d2_bootstrap(preds_a: Tensor, preds_b: Tensor, num_classes: int, *,
     independently the M2 members of B (the members are the i.i.d. units; points are not
     resampled — they are the fixed test set, shared by both ensembles) and recomputes D̂².
 
-    The interval is the *centred* percentile interval
-    [D̂² + q_{(1−level)/2}(D*² − D̄*²), D̂² + q_{(1+level)/2}(D*² − D̄*²)]:
-    the quantiles of the replicates' deviations from their own mean D̄*², around D̂². Why
-    not the plain percentile interval: a resample repeats members, and a repeated member
-    "agrees with itself" in the within-ensemble U-terms, so the replicates are centred at
-    the plug-in value (the empirical distribution's D², above D̂² by ≈ the sampling noise),
-    not at D̂²; the spread of the replicates is still the right scale.
+    In a replicate a member drawn several times must not "agree with itself": the
+    within-ensemble terms count pairs of draws of different original members only (see
+    :func:`_d2_resampled`). The interval is the *centred* percentile interval
+    [D̂² + q_{(1−level)/2}(D*² − D̄*²), D̂² + q_{(1+level)/2}(D*² − D̄*²)]: the quantiles
+    of the replicates' deviations from their own mean D̄*², around D̂² — robust to any
+    residual offset between the replicates' centre and D̂² (a ratio estimator, not
+    exactly unbiased under resampling); the spread is what the replicates measure.
+
+    Accuracy of the spread (tests/ensemble/test_hypothesis.py, simulations): away from
+    D² = 0 the bootstrap sd matches the sampling sd of D̂² (measured within 10 %). Near
+    D² = 0 the U-statistic is degenerate (its linear part vanishes) and the member
+    bootstrap overstates the spread — measured 1.8× the sampling sd at 24 and at 64
+    members per ensemble — so the interval is conservative exactly where an equivalence
+    claim is made: its upper bound errs high, which can only make "equal" harder to
+    claim, never easier.
     """
     fn = "d2_bootstrap"
     a, b, K = _check_pair(preds_a, preds_b, num_classes, fn, min_members=2)
@@ -352,7 +381,7 @@ def d2_bootstrap(preds_a: Tensor, preds_b: Tensor, num_classes: int, *,
             1, torch.randint(0, m1, (r, m1), generator=gen), torch.ones(r, m1))
         wb = torch.zeros(r, m2).scatter_add_(
             1, torch.randint(0, m2, (r, m2), generator=gen), torch.ones(r, m2))
-        reps.append(_d2_from_counts((wa @ oa).double(), (wb @ ob).double(), m1, m2, P))
+        reps.append(_d2_resampled(wa, wb, oa, ob, P))
     d = torch.cat(reps).numpy()
     dev = d - d.mean()
     lo, hi = np.quantile(dev, [(1 - level) / 2, (1 + level) / 2])
