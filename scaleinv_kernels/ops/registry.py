@@ -15,7 +15,7 @@ CPU tensors, so ``FusedSGDWD.step`` builds its pointer, work and segment tables 
 per-device statistics buffers as on a GPU. This is how the CUDA-only Python logic is
 tested without a GPU (``cuda_code_path_on_cpu()`` switches it on for a block). What
 stays CUDA-only is named where it happens: pinned host buffers and non-blocking copies
-(``sgd_wd._host_table``) and compilation of the kernels (proved ahead of time for
+(``sgd_wd_kernel.host_table``) and compilation of the kernels (proved ahead of time for
 sm_80/sm_90 by the tests instead).
 """
 

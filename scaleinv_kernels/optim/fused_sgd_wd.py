@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from scaleinv_kernels.ops.registry import cuda_code_path_active
-from scaleinv_kernels.ops.sgd_wd import _host_table, select_backend, sgd_wd_, validate_args
+from scaleinv_kernels.ops.sgd_wd import select_backend, sgd_wd_, validate_args
+from scaleinv_kernels.ops.sgd_wd_kernel import host_table
 from scaleinv_kernels.optim.members import members_of
 from scaleinv_kernels.optim.stats import LayerStats
 
@@ -50,9 +51,9 @@ class _Plan:
     def device_index(self, device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
         cached = self.index.get(device)
         if cached is None:
-            cached = ([_host_table(la.seg_rows, torch.int64, device) for la in self.launches],
-                      _host_table(self.member, torch.int64, device),
-                      _host_table(self.param_index, torch.int64, device))
+            cached = ([host_table(la.seg_rows, torch.int64, device) for la in self.launches],
+                      host_table(self.member, torch.int64, device),
+                      host_table(self.param_index, torch.int64, device))
             self.index[device] = cached
         return cached
 

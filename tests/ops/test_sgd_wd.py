@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaleinv_kernels.ops import sgd_wd as sgd_wd_module
+from scaleinv_kernels.ops import sgd_wd_kernel
 from scaleinv_kernels.ops.registry import cuda_code_path_on_cpu
 from scaleinv_kernels.ops.sgd_wd import sgd_wd_, sgd_wd_reference
 from tests.devices import TRITON_DEVICE, triton_fma_is_fused
@@ -328,7 +328,7 @@ def test_triton_without_statistics():
         launches.append(kwargs)
         return launch(kernel, grid, *args, **kwargs)
 
-    launch = sgd_wd_module._launch
+    launch = sgd_wd_kernel.launch
     hp = HPARAMS[2]
     params, grads, bufs = _inputs([(1023,), (33, 7)], torch.float32, 11, TRITON_DEVICE)
     out = {}
@@ -339,7 +339,7 @@ def test_triton_without_statistics():
         with contextlib.ExitStack() as stack:
             stack.enter_context(kernel_path("triton"))
             mp = stack.enter_context(pytest.MonkeyPatch.context())
-            mp.setattr(sgd_wd_module, "_launch", spy)
+            mp.setattr(sgd_wd_kernel, "launch", spy)
             sgd_wd_(p, grads, b, [True, False], stats, [0, 1], [1, 1], hp["lr"],
                     hp["weight_decay"], hp["momentum"], hp["dampening"], hp["nesterov"],
                     hp["maximize"], backend="triton")
@@ -366,7 +366,7 @@ def test_triton_launch_goes_through_wrap_triton(monkeypatch):
     before = params[0].clone()
     run_op("triton", params, grads, [], [], torch.empty(0, dtype=torch.float64), [0], [1],
            0.1, 0.0, 0.0, 0.0, False, False)
-    assert seen == [sgd_wd_module._sgd_wd_kernel]
+    assert seen == [sgd_wd_kernel.sgd_wd_kernel]
     assert not torch.equal(params[0], before)
 
 
@@ -591,7 +591,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the AOT scripts import tests.aot
 
 AOT_SCRIPT = r"""
 import json, sys, triton.language as tl
-from scaleinv_kernels.ops import sgd_wd as m
+from scaleinv_kernels.ops import sgd_wd_kernel as m
 from tests.aot import compile_for, ptxas_usage
 arch = int(sys.argv[1])
 sig = {"param_ptrs": "*i64", "grad_ptrs": "*i64", "buf_ptrs": "*i64", "fresh_ptr": "*i8",
@@ -606,7 +606,7 @@ for dtype in (tl.float32, tl.bfloat16, tl.float16):
         consts = dict(DTYPE=dtype, HAS_WD=not seg, HAS_MOMENTUM=mom, NESTEROV=mom,
                       MAXIMIZE=False, TRACK_STATS=stats, LR_FROM_TENSOR=lrt, PER_SEGMENT=seg,
                       BLOCK=m.BLOCK)
-        k = compile_for(m._sgd_wd_kernel, sig, consts, arch, num_warps=8,
+        k = compile_for(m.sgd_wd_kernel, sig, consts, arch, num_warps=8,
                         enable_fp_fusion=False)
         regs, spills = ptxas_usage(k.asm["ptx"], arch)
         out.append(dict(dtype=str(dtype), momentum=mom, stats=stats, per_segment=seg,

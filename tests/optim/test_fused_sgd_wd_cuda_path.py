@@ -27,6 +27,7 @@ import torch
 
 from scaleinv_kernels import STAT_FIELDS, FusedSGDWD
 from scaleinv_kernels.ops import sgd_wd as sgd_wd_module
+from scaleinv_kernels.ops import sgd_wd_kernel
 from scaleinv_kernels.ops.registry import cuda_code_path_on_cpu
 from scaleinv_kernels.optim import mark_members
 from tests.devices import CUDA, TRITON_DEVICE, triton_fma_is_fused
@@ -61,14 +62,14 @@ def expected_path():
 def count_launches():
     """The keyword arguments of every Triton launch in the block."""
     launches: list[dict] = []
-    launch = sgd_wd_module._launch
+    launch = sgd_wd_kernel.launch
 
     def spy(kernel, grid, *args, **kwargs):
         launches.append(kwargs)
         return launch(kernel, grid, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sgd_wd_module, "_launch", spy)
+        mp.setattr(sgd_wd_kernel, "launch", spy)
         yield launches
 
 
