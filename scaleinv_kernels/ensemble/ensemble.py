@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from scaleinv_kernels.cpu_memory import retain_freed_memory
-from scaleinv_kernels.ensemble.convert import check_forward, convert
+from scaleinv_kernels.ensemble.convert import convert
+from scaleinv_kernels.ensemble.forward_check import check_forward
 from scaleinv_kernels.ensemble.fusion import fuse_forward, fused_count
 from scaleinv_kernels.ensemble.layers import MemberContext, MemberDropout
 from scaleinv_kernels.ensemble.seeding import STREAM_INIT, member_seed
@@ -46,7 +47,7 @@ class Ensemble(nn.Module):
             split ensemble hold exactly the members of the unsplit one. No other effect;
             local indices (``members=``, :meth:`member`) still count from 0.
         check_forward: trace ``forward`` with torch.fx and reject ops that mix the rows
-            of the batch dimension (see :func:`convert.check_forward`).
+            of the batch dimension (see :func:`.forward_check.check_forward`).
         fuse: run BatchNorm2d/GroupNorm → ReLU (→ MaxPool2d(2)) chains as the fused ops
             ``scaleinv::bn_act_pool``/``gn_act_pool`` (C++ on CPU, Triton on CUDA), with an
             input-layer conv before them as ``conv_bn_act_pool``: inside ``nn.Sequential``

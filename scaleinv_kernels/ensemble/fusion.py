@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from scaleinv_kernels.ensemble.convert import _is_pool2 as _is_pool2_module
-from scaleinv_kernels.ensemble.convert import _Tracer
-from scaleinv_kernels.ensemble.layers import MemberBatchNorm, MemberConv, MemberGroupNorm
+from scaleinv_kernels.ensemble.convert import is_pool2 as is_pool2_module
+from scaleinv_kernels.ensemble.forward_check import MemberTracer
+from scaleinv_kernels.ensemble.layers import MemberConv
+from scaleinv_kernels.ensemble.norm_layers import MemberBatchNorm, MemberGroupNorm
 
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -63,14 +64,14 @@ def _is_pool2_node(net: nn.Module, node: fx.Node, src: fx.Node) -> bool:
     if not node.args or node.args[0] is not src:
         return False
     if node.op == "call_module":
-        return len(node.args) == 1 and not node.kwargs and _is_pool2_module(
+        return len(node.args) == 1 and not node.kwargs and is_pool2_module(
             _module(net, node))
     if node.op == "call_function" and node.target is F.max_pool2d:
         args = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode",
                          "return_indices"), node.args[1:]))
         args.update(node.kwargs)
         pool = nn.MaxPool2d(**args) if "kernel_size" in args else None
-        return pool is not None and _is_pool2_module(pool)
+        return pool is not None and is_pool2_module(pool)
     return False
 
 
@@ -135,7 +136,7 @@ def fuse_forward(net: nn.Module) -> dict[bool, Callable] | None:
         for training in (True, False):
             net.train(training)
             try:
-                graph = _Tracer(record_stack_traces=False).trace(net)
+                graph = MemberTracer(record_stack_traces=False).trace(net)
             except Exception:  # noqa: BLE001 - an untraceable forward runs unfused
                 return None
             chains = _chains(net, graph)

@@ -458,16 +458,16 @@ CONV_FUSED_NETS = {
 
 
 def _count_fused_conv_calls(monkeypatch) -> list[int]:
-    from scaleinv_kernels.ensemble import layers
+    from scaleinv_kernels.ensemble import norm_layers
 
     calls = [0]
-    real = layers.conv_bn_act_pool
+    real = norm_layers.conv_bn_act_pool
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "conv_bn_act_pool", counted)
+    monkeypatch.setattr(norm_layers, "conv_bn_act_pool", counted)
     return calls
 
 

@@ -53,17 +53,17 @@ NETS = {
 
 
 def _count_calls(monkeypatch) -> dict[str, int]:
-    from scaleinv_kernels.ensemble import layers
+    from scaleinv_kernels.ensemble import norm_layers
 
     calls = {"bn_act_pool": 0, "gn_act_pool": 0, "conv_bn_act_pool": 0}
     for name in calls:
-        real = getattr(layers, name)
+        real = getattr(norm_layers, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(layers, name, counted)
+        monkeypatch.setattr(norm_layers, name, counted)
     return calls
 
 
