@@ -287,6 +287,7 @@ def _d2_resampled(wa: Tensor, wb: Tensor, oa: Tensor, ob: Tensor, n_points: int)
         self_pairs = ((w * w) @ o).double()       # [R, C] Σ_{i∈k} w_i²
         m = w.shape[1]
         pairs = float(m) ** 2 - (w.double() ** 2).sum(1)  # [R] Σ_{i≠j} w_i w_j
+        # 0/0 = NaN when every draw is the same member (no distinct pair): dropped later
         return (n * n - self_pairs).sum(1) / pairs
 
     cross = ((wa @ oa).double() * (wb @ ob).double()).sum(1) / (wa.shape[1] * wb.shape[1])
@@ -318,7 +319,8 @@ class BootstrapResult:
         estimate: the unbiased D̂² (:func:`d2_statistic`).
         low, high: the two-sided ``level`` confidence interval.
         level: its nominal coverage.
-        n_bootstrap: B.
+        n_bootstrap: B, the replicates drawn (see :func:`d2_bootstrap` for the rare
+            unusable ones).
         std: the bootstrap standard deviation of D̂².
     """
 
@@ -383,6 +385,11 @@ def d2_bootstrap(preds_a: Tensor, preds_b: Tensor, num_classes: int, *,
             1, torch.randint(0, m2, (r, m2), generator=gen), torch.ones(r, m2))
         reps.append(_d2_resampled(wa, wb, oa, ob, P))
     d = torch.cat(reps).numpy()
+    # a replicate that drew one member M times has no pair of distinct members (chance
+    # M^(1−M) per ensemble: 1e-4 at M = 6, nil from M = 10): it is left out
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        raise ValueError(f"{fn}: fewer than 2 usable bootstrap replicates of {B}")
     dev = d - d.mean()
     lo, hi = np.quantile(dev, [(1 - level) / 2, (1 + level) / 2])
     return BootstrapResult(estimate=estimate, low=estimate + float(lo),

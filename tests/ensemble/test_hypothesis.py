@@ -314,6 +314,16 @@ def test_d2_bootstrap_sd_against_sampling_sd(shift):
         assert 0.9 <= ratio <= 3.0, ratio
 
 
+def test_d2_bootstrap_few_members():
+    """With M = 3 a ninth of each ensemble's replicates draws one member three times (no
+    pair of distinct members); those are left out and the interval stays finite."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randint(0, 3, (3, 40), generator=gen), torch.randint(0, 3, (3, 40), generator=gen)
+    res = d2_bootstrap(a, b, 3, n_bootstrap=200, generator=0)
+    assert math.isfinite(res.low) and math.isfinite(res.high) and res.std > 0
+    assert res.low <= res.estimate <= res.high
+
+
 def test_d2_bootstrap_interval_scale_shrinks_with_members():
     gen = torch.Generator().manual_seed(4)
     p = _random_probs(40, 5, gen)
