@@ -58,7 +58,29 @@ Setup (ours):
     or S0 is not clearly below (then the catch-up did not need weight decay);
   - inconclusive: S never reached the trigger within ``max_small_epochs``.
 
-Measured: see the end of this docstring.
+Measured (quick: ``python -m scaleinv_kernels.experiments fig2-small-lr --preset quick
+--out out --threads 1``, seed 0; AMD EPYC with AVX2, 2 cores shared with other jobs (load
+average 7–9), torch 2.13; 2 800 s wall for 640 epochs of the 24-member ensemble, ≈ 4.4 s
+per epoch; one such epoch took 1.2 s on the same machine when it was nearly idle, so
+≈ 13 min without the other jobs). Outcome: **inconclusive** — the decay rule never fired.
+
+* B: during epochs 10–19 (η = 0.1) both layers' measured angular update is 0.98–1.01 ×
+  θ* = 0.046 rad, so the prediction holds at B's LR. Final accuracy 95.9 % (SE 0.06).
+* S: fc1 reaches 0.9 θ* at epoch 332 and stays at 0.86–1.03 θ*; fc2 does not: its norm
+  stops shrinking at ≈ 0.62 from epoch ~450 on (from 4.82 at epoch 47, a 60× shrink of
+  ‖w‖²), and its angular update settles at 0.49–0.56 θ* = 4.6e-3 rad. So at S's small
+  LR fc2 sits at a steady norm whose angle is half the √(2ηλ/(1+μ)) prediction, and the
+  decay came at the cap, epoch 600. The wait estimate (``shrink_estimate``): at epoch 47
+  fc2 was 0.039 θ*, needing a 22.8× shrink of ‖w‖² = 7 800 steps ≈ 244 epochs at
+  4.0e-4 per step; the measured shrink went on ≈ 400 epochs and went 60× deep, but the
+  angle rose only 13× because ‖∇̃L‖ fell as the net fitted (training loss 0.46 → 0.22).
+* Accuracy: S 94.7 % just before its decay, 94.6 % (SE 0.17) at the end — the decay adds
+  nothing; S is 1.29 points (7 SE) below B. S0 (no weight decay; its norm stays at 6.6)
+  ends at 93.8 % (SE 0.11), 0.84 points (4 SE) below S and 2.1 points below B: weight
+  decay did move S up, but not to B's level within 600 epochs.
+
+By the rules above this is neither a pass nor the stated fail (S never reached the
+trigger); read plainly, a 100× smaller LR with 15× the epochs did not catch up here.
 """
 
 from __future__ import annotations
