@@ -80,7 +80,7 @@ per epoch; one such epoch took 1.2 s on the same machine when it was nearly idle
   decay did move S up, but not to B's level within 600 epochs.
 
 By the rules above this is neither a pass nor the stated fail (S never reached the
-trigger); read plainly, a 100× smaller LR with 15× the epochs did not catch up here.
+trigger); read plainly, a 100× smaller LR with 16× the epochs did not catch up here.
 """
 
 from __future__ import annotations
