@@ -44,6 +44,8 @@ Setup (ours):
   - ``S0``: S with λ = 0 and S's LR schedule (decayed at the same epoch as S).
 
   Members whose schedule is over are frozen (lr = wd = 0) until the others finish.
+* ``full`` (for a GPU; not run here): ``normalized_cnn`` on the chosen data set, 16
+  seeds per arm, B with 100/50/50 epochs, 100 epochs after S's decay, cap 2 000 epochs.
 * Accuracy: test accuracy of each member in eval mode with its BatchNorm statistics
   recomputed on all training images
   (:func:`~scaleinv_kernels.experiments.training.member_accuracies`), every

@@ -18,6 +18,8 @@ Setup (ours):
   Quick: the BatchNorm MLP (:func:`~scaleinv_kernels.experiments.training.normalized_mlp`,
   784 → 128 → 128, frozen random last layer) on MNIST-5k, 4 runs, η = 0.1, μ = 0.9,
   λ = 1e-2 (the norm equilibrates within ≈ (1−μ)/(2ηλ) = 50 steps), 40 epochs.
+  ``full`` (for a GPU; not run here): ``normalized_cnn``, λ = 5e-4, 200 epochs, 25-epoch
+  windows.
 * Accuracy of any weights (a snapshot or an average) is the test accuracy in eval mode
   with the BatchNorm statistics recomputed on the first ``bn_images`` training images for
   those weights (``average_weights``), so single snapshots and averages are treated alike.
