@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repeat")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="variants to time besides fused and two ops (leave out torch where "
+                         "its grouped convolution takes seconds)")
     isa_runs.add_arguments(ap, __file__)
     args = ap.parse_args(argv)
     return isa_runs.main(args, "conv_bn_act_pool / direct_conv2d benchmark",
@@ -109,7 +112,9 @@ def table(args: argparse.Namespace) -> isa_runs.Table:
     rows = []
     for key in args.cases:
         title, members = CASES[key]
-        steps = {v: Step(v, members) for v in VARIANTS}
+        # the fused op and the two-op path always (the error column compares them)
+        steps = {v: Step(v, members) for v in dict.fromkeys(["fused", "two ops",
+                                                              *args.variants])}
         # against the two-op path (float64 sums); torch's grouped conv sums the weight
         # gradient over B·H·W in float32 and is itself ~1e-3 off at M=64
         ref = steps["two ops"]()
@@ -120,10 +125,12 @@ def table(args: argparse.Namespace) -> isa_runs.Table:
                         min_time=args.min_time)
         triad_gbps = triad.bytes / t["triad"].median / 1e9
         floor = BYTES_PER_ELEMENT * numel / (triad_gbps * 1e9)
-        fused, two, eager, conv = (t[v].median for v in VARIANTS)
-        rows.append([title, round(fused * 1e3, 2), round(two * 1e3, 2), round(eager * 1e3, 2),
-                     round(conv * 1e3, 2), round(fused / floor, 2), round(two / fused, 3),
-                     round(eager / fused, 3), round(triad_gbps, 2), float(f"{err:.2e}")])
+        ms = {v: round(t[v].median * 1e3, 2) if v in t else "–" for v in VARIANTS}
+        fused = t["fused"].median
+        vs = {v: round(t[v].median / fused, 3) if v in t else "–" for v in VARIANTS}
+        rows.append([title, ms["fused"], ms["two ops"], ms["torch"], ms["direct_conv2d"],
+                     round(fused / floor, 2), vs["two ops"], vs["torch"], round(triad_gbps, 2),
+                     float(f"{err:.2e}")])
     out = {"title": "fused input layer (conv → BN → ReLU → pool) and direct_conv2d, "
                     "forward + weight gradient",
            "columns": ["case", "fused ms", "two ops ms", "torch ms", "direct_conv2d ms",
