@@ -719,10 +719,11 @@ def test_forward_bits_are_the_same_in_every_build(tmp_path):
                        torch.randn(n, c, (h + 2 * ph - kh + 1) // 2,
                                    (w + 2 * pw - kw + 1) // 2, generator=gen), g, [ph, pw]))
     torch.save(inputs, tmp_path / "inputs.pt")
+    # what the CPU supports (not the capability this process was started with)
     settings = [{"ATEN_CPU_CAPABILITY": "default"}]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if torch.cpu._is_avx2_supported():
         settings.append({"ATEN_CPU_CAPABILITY": "avx2"})
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    avx512 = torch.cpu._is_avx512_supported()
     if avx512:
         settings += [{"ATEN_CPU_CAPABILITY": "avx512"},
                      {"ATEN_CPU_CAPABILITY": "avx512", "SCALEINV_NO_AVX512": "1"}]
