@@ -11,7 +11,12 @@ over arrays of the conv output's size (``sgd_wd_cases``, medians of the repeats)
 * ``fused``: ``scaleinv_kernels.ops.conv_bn_act_pool`` forward + ``autograd.grad`` of
   the conv weight (``scaleinv::conv_bn_act_pool``, C++);
 * ``two ops``: ``direct_conv2d`` → ``bn_act_pool`` (what the ensemble ran before);
-* ``torch``: grouped ``F.conv2d`` → ``F.batch_norm`` → ``relu_`` → ``F.max_pool2d``.
+* ``torch``: grouped ``F.conv2d`` → ``F.batch_norm`` → ``relu_`` → ``F.max_pool2d``;
+* ``direct_conv2d``: the convolution of ``two ops`` alone (forward + weight gradient).
+
+``--isa avx2,default`` runs the cases once per instruction set in child processes; the
+tables also go to a JSON file (``isa_runs.py``; default
+``benchmarks/results/conv_norm_act_bench.json``).
 
 Counted minimal traffic per conv-output element E (fp32, C_in = 1, C_out = 16 per group,
 so x has E/16 elements): forward reads x twice (moments, then the pooled pass; 0.5 B) and
@@ -25,9 +30,9 @@ by arithmetic, not by that traffic; the column says how far.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
+import sys
 
+import isa_runs
 import torch
 import torch.nn.functional as F
 from sgd_wd_cases import Triad, interleaved  # (benchmarks/ is on sys.path)
@@ -44,6 +49,7 @@ CASES = {  # key: (title, members)
 }
 BATCH, CO, HW = 64, 16, 28
 BYTES_PER_ELEMENT = 1.75 + 2.5
+VARIANTS = ("fused", "two ops", "torch", "direct_conv2d")
 MOMENTUM, EPS = 0.1, 1e-5
 
 
@@ -58,12 +64,15 @@ class Step:
         self.rm = torch.zeros(members * CO)
         self.rv = torch.ones(members * CO)
         self.go = torch.randn(BATCH, members * CO, HW // 2, HW // 2, generator=gen)
+        self.go_conv = torch.randn(BATCH, members * CO, HW, HW, generator=gen)
         self.variant = variant
 
     def forward(self) -> torch.Tensor:
         if self.variant == "fused":
             return conv_bn_act_pool(self.x, self.w, self.m, (1, 1), None, None, self.rm,
                                     self.rv, training=True, momentum=MOMENTUM, eps=EPS)
+        if self.variant == "direct_conv2d":
+            return direct_conv2d(self.x, self.w, None, self.m, (1, 1))
         if self.variant == "two ops":
             y = direct_conv2d(self.x, self.w, None, self.m, (1, 1))
             return bn_act_pool(y, None, None, self.rm, self.rv, training=True,
@@ -73,30 +82,39 @@ class Step:
         return F.max_pool2d(y, 2)
 
     def __call__(self) -> torch.Tensor:
-        (gw,) = torch.autograd.grad(self.forward(), self.w, self.go)
+        go = self.go_conv if self.variant == "direct_conv2d" else self.go
+        (gw,) = torch.autograd.grad(self.forward(), self.w, go)
         return gw
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repeat")
-    args = ap.parse_args()
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="variants to time besides fused and two ops (leave out torch where "
+                         "its grouped convolution takes seconds)")
+    isa_runs.add_arguments(ap, __file__)
+    args = ap.parse_args(argv)
+    return isa_runs.main(args, "conv_bn_act_pool / direct_conv2d benchmark",
+                         lambda: [table(args)])
+
+
+def table(args: argparse.Namespace) -> isa_runs.Table:
     if not extension_loaded():
         raise SystemExit("the C++ extension is not built; the fused variant would be the "
                          "torch reference")
+    import scaleinv_kernels._C as ext  # noqa: PLC0415 (only once the extension is known)
+
     retained = retain_freed_memory()
-    utc_date = datetime.datetime.now(datetime.timezone.utc).date()
-    print(f"# conv_bn_act_pool benchmark, {utc_date}, {platform.node()}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"freed memory retained: {retained}")
-    print("| case | fused ms | two ops ms | torch ms | fused ×floor | vs two ops | vs torch "
-          "| triad GB/s | rel. err grad w vs two ops |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"- freed memory retained: {retained}, extension {ext.__file__}\n", flush=True)
+    rows = []
     for key in args.cases:
         title, members = CASES[key]
-        steps = {v: Step(v, members) for v in ("fused", "two ops", "torch")}
+        # the fused op and the two-op path always (the error column compares them)
+        steps = {v: Step(v, members) for v in dict.fromkeys(["fused", "two ops",
+                                                              *args.variants])}
         # against the two-op path (float64 sums); torch's grouped conv sums the weight
         # gradient over B·H·W in float32 and is itself ~1e-3 off at M=64
         ref = steps["two ops"]()
@@ -107,11 +125,23 @@ def main() -> None:
                         min_time=args.min_time)
         triad_gbps = triad.bytes / t["triad"].median / 1e9
         floor = BYTES_PER_ELEMENT * numel / (triad_gbps * 1e9)
-        fused, two, eager = (t[v].median for v in ("fused", "two ops", "torch"))
-        print(f"| {title} | {fused * 1e3:.1f} | {two * 1e3:.1f} | {eager * 1e3:.1f} | "
-              f"{fused / floor:.2f} | {two / fused:.2f}× | {eager / fused:.2f}× | "
-              f"{triad_gbps:.1f} | {err:.1e} |")
+        ms = {v: round(t[v].median * 1e3, 2) if v in t else "–" for v in VARIANTS}
+        fused = t["fused"].median
+        vs = {v: round(t[v].median / fused, 3) if v in t else "–" for v in VARIANTS}
+        rows.append([title, ms["fused"], ms["two ops"], ms["torch"], ms["direct_conv2d"],
+                     round(fused / floor, 2), vs["two ops"], vs["torch"], round(triad_gbps, 2),
+                     float(f"{err:.2e}")])
+    out = {"title": "fused input layer (conv → BN → ReLU → pool) and direct_conv2d, "
+                    "forward + weight gradient",
+           "columns": ["case", "fused ms", "two ops ms", "torch ms", "direct_conv2d ms",
+                       "fused ×floor", "vs two ops", "vs torch", "triad GB/s",
+                       "rel. err grad w vs two ops"],
+           "rows": rows,
+           "note": f"medians of {args.repeats} interleaved repeats; direct_conv2d: the "
+                   "convolution alone (forward + weight gradient, the first op of 'two ops')."}
+    print(isa_runs.markdown(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""One training step of M copies of a network, three ways (Ensemble issue §6).
+"""One training step of M copies of a network, three ways.
 
 Models (``MODELS``): ``cnn``: conv 1→16→32→32 (3×3, padding 1, no bias), each followed by
 BatchNorm2d(affine=False) and ReLU, MaxPool2d(2) after the first two, global average pool,
@@ -34,11 +34,11 @@ from scaleinv_kernels.scale_invariance import normalized_cnn
 BATCH = 64
 HW = 28
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
-#: members per forward/backward pass of the chunked variant, chosen by measurement on the
-#: 2-core CPU at M=64 (interleaved, one run, 2026-11-29, with Ensemble's default
-#: retain_cpu_memory): chunks of 4/8/16/32/64 members took 542/473/478/471/483 ms per step.
-#: Before freed memory was retained (glibc page-faulting every big activation in afresh)
-#: chunks of 1/2/4/8/16/64 took 967/963/913/996/1194/1434 ms and 4 was the choice.
+#: members per forward/backward pass of the chunked variant, chosen by measurement on a
+#: 2-core CPU at M=64 (interleaved, with Ensemble's default retain_cpu_memory): chunks of 8
+#: to 64 members were within a few per cent of each other and 4 was slower. Before freed
+#: memory was retained (glibc page-faulting every big activation in afresh) 4 was the
+#: fastest, and all members in one pass the slowest.
 CPU_CHUNK = 8
 VARIANTS = {
     "ensemble": "Ensemble + FusedSGDWD (stats on), all members per pass",

@@ -1,7 +1,11 @@
 """Print the Ensemble benchmark report (markdown): one training step of M members.
 
-    python benchmarks/ensemble_report.py [--members 8 64] [--repeats 5]
+    python benchmarks/ensemble_report.py [--members 8 64] [--repeats 5] [--isa avx2,default]
     python benchmarks/ensemble_report.py --model resnet20 --members 16
+
+``--isa`` runs the whole report once per instruction set in child processes and
+``--json`` names the JSON file of the tables (``isa_runs.py``; default
+``benchmarks/results/ensemble_report.json``).
 
 Every variant of ``ensemble_cases.py`` is timed round-robin in this one process
 (medians of the interleaved repeats), next to the machine's fp32 matmul ceiling
@@ -18,11 +22,10 @@ are the baseline least favourable to the ensemble.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 
+import isa_runs
 import torch
 from ensemble_cases import (
     BATCH,
@@ -33,17 +36,6 @@ from ensemble_cases import (
     conv_flops_per_member_step,
 )
 from sgd_wd_cases import interleaved, paired_ratio
-
-
-def _speedup(t: dict, ref: str, key: str) -> str:
-    """``ref``'s median / ``key``'s median, then the median and IQR of the same ratio
-    taken within each round (see ``paired_ratio``)."""
-    if ref not in t:
-        return "–"
-    if ref == key:
-        return "1.00×"
-    med, lo, hi = paired_ratio(t[ref], t[key])
-    return f"{t[ref].median / t[key].median:.2f}× (per round {med:.2f}×, {lo:.2f}–{hi:.2f})"
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -62,45 +54,65 @@ def main(argv: list[str] | None = None) -> int:
                              "scaleinv::gn_act_pool)")
     parser.add_argument("--model", choices=list(MODELS), default="cnn",
                         help="resnet20: the CIFAR ResNet-20 (fusion found by torch.fx)")
+    isa_runs.add_arguments(parser, __file__)
     args = parser.parse_args(argv)
+    return isa_runs.main(args, "Ensemble step benchmark", lambda: tables(args))
+
+
+def tables(args: argparse.Namespace) -> list[isa_runs.Table]:
+    """Times every member count of ``args``; prints and returns one table each."""
     peak = matmul_gflops()
     flops = conv_flops_per_member_step(args.model)
     shape = "×".join(str(d) for d in MODELS[args.model][1])
-    lines = [
-        f"# Ensemble step benchmark — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE="
-        f"{os.environ.get('THP_MEM_ALLOC_ENABLE')} (2 MiB pages for torch's CPU tensors)",
-        f"- fp32 matmul ceiling (2048², same run): **{peak:.0f} GFLOP/s**; convolution work "
-        f"{flops / 1e6:.0f} MFLOP per member-step",
-        f"- sanity: one step of the ensemble vs the eager loop from the same weights differs "
-        f"by {check_same_update(model=args.model):.1e} (max relative)",
-        "",
-    ]
+    drift = check_same_update(model=args.model)
+    print(f"- THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (2 MiB pages for "
+          f"torch's CPU tensors)\n- fp32 matmul ceiling (2048², same run): **{peak:.0f} "
+          f"GFLOP/s**; convolution work {flops / 1e6:.0f} MFLOP per member-step\n"
+          f"- sanity: one step of the ensemble vs the eager loop from the same weights "
+          f"differs by {drift:.1e} (max relative)\n", flush=True)
+    out = []
     for m in args.members:
         steps = {k: BUILDERS[k](m, norm=args.norm, model=args.model) for k in args.variants}
         t = interleaved(steps, repeats=args.repeats, min_time=0.2, warmup=1)
-        base = {k: t[k].median for k in t}
-        lines += [f"## {args.model}, M = {m} (batch {BATCH} per member, {shape}, "
-                  f"{args.norm} norm)", "",
-                  "| variant | ms/step (IQR) | fastest round ms | member-steps/s | "
-                  "conv GFLOP/s (% of matmul) | eager loop / this | vmap / this | "
-                  "fastest vmap / fastest this |", "|---|---|---|---|---|---|---|---|"]
+        rows = []
         for k in args.variants:
-            med = base[k]
+            med = t[k].median
             lo, hi = t[k].iqr
             gf = flops * m / med / 1e9
-            vs_loop, vs_vmap = (_speedup(t, ref, k) for ref in ("eager_loop", "vmap"))
-            best = min(t[k].samples)
-            vs_best = (f"{min(t['vmap'].samples) / best:.2f}×" if "vmap" in t else "–")
-            lines.append(f"| {VARIANTS[k]} | {1e3 * med:.1f} ({1e3 * lo:.1f}–{1e3 * hi:.1f}) | "
-                         f"{1e3 * best:.1f} | {m / med:.0f} | {gf:.1f} ({100 * gf / peak:.0f} %) "
-                         f"| {vs_loop} | {vs_vmap} | {vs_best} |")
-        lines.append("")
+            row: list[str | float | int] = [VARIANTS[k], round(1e3 * med, 1),
+                                             round(1e3 * lo, 1), round(1e3 * hi, 1),
+                                             round(1e3 * min(t[k].samples), 1),
+                                             round(m / med, 1), round(gf, 2),
+                                             round(100 * gf / peak, 1)]
+            for ref in ("eager_loop", "vmap"):
+                if ref in t:
+                    pmed, plo, phi = paired_ratio(t[ref], t[k])
+                    row += [round(t[ref].median / med, 3), round(pmed, 3), round(plo, 3),
+                            round(phi, 3)]
+                else:
+                    row += ["–"] * 4
+            row.append(round(min(t["vmap"].samples) / min(t[k].samples), 3)
+                       if "vmap" in t else "–")
+            rows.append(row)
+        table = {
+            "title": f"{args.model}, M = {m} (batch {BATCH} per member, {shape}, "
+                     f"{args.norm} norm)",
+            "columns": ["variant", "ms/step (median)", "IQR low ms", "IQR high ms",
+                        "fastest round ms", "member-steps/s", "conv GFLOP/s",
+                        "% of matmul", "eager loop / this", "per round (median)",
+                        "per round (q1)", "per round (q3)", "vmap / this",
+                        "per round (median)", "per round (q1)", "per round (q3)",
+                        "fastest vmap / fastest this"],
+            "rows": rows,
+            "note": f"{args.repeats} interleaved rounds, medians; 'per round' = the ratio "
+                    f"within each round (median and quartiles over rounds); fp32 matmul "
+                    f"ceiling {peak:.0f} GFLOP/s in the same run; one step of the ensemble "
+                    f"vs the eager loop from the same weights differs by {drift:.1e}.",
+        }
+        print(isa_runs.markdown(table), flush=True)
+        out.append(table)
         del steps
-    print("\n".join(lines))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

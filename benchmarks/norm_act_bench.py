@@ -1,6 +1,10 @@
 """Fused BatchNorm → ReLU → MaxPool2d(2), forward + backward, vs unfused torch.
 
     python benchmarks/norm_act_bench.py [--repeats 5] [--min-time 0.3] [--cases m64c16 ...]
+        [--isa avx2,default] [--json PATH]
+
+``--isa`` runs the cases once per instruction set in child processes; the tables also go
+to a JSON file (``isa_runs.py``; default ``benchmarks/results/norm_act_bench.json``).
 
 Per case (training mode, affine=False as in the scale-invariant CNN template, running
 statistics updated) it times, interleaved with a triad ``a = b + s·c`` measured in the
@@ -35,10 +39,10 @@ blocks are reused instead of faulted in again; ``--no-retain`` leaves glibc's de
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
+import sys
 
+import isa_runs
 import torch
 import torch.nn.functional as F
 from sgd_wd_cases import Triad, interleaved  # (benchmarks/ is on sys.path)
@@ -137,7 +141,7 @@ def check(shape: tuple[int, ...], device: torch.device, pool: int = 2,
     return float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--repeats", type=int, default=5)
@@ -145,18 +149,21 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-retain", action="store_true",
                     help="keep glibc's malloc thresholds (fresh pages for big blocks)")
-    args = ap.parse_args()
+    isa_runs.add_arguments(ap, __file__)
+    args = ap.parse_args(argv)
+    return isa_runs.main(args, "bn_act_pool / gn_act_pool benchmark", lambda: [table(args)])
+
+
+def table(args: argparse.Namespace) -> isa_runs.Table:
     retained = False if args.no_retain else retain_freed_memory()
     device = torch.device(args.device)
     if device.type == "cpu" and not extension_loaded():
         raise SystemExit("the C++ extension is not built; the fused variant would be the "
                          "torch reference")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    utc_date = datetime.datetime.now(datetime.timezone.utc).date()
-    print(f"# bn_act_pool benchmark, {utc_date}, {platform.node()}, "
-          f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"freed memory retained: {retained}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
+    print(f"- device {device}, freed memory retained: {retained}, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE')}, extension {extension_path()}\n",
+          flush=True)
     rows = []
     for key in args.cases:
         title, shape, pool = CASES[key]
@@ -173,17 +180,26 @@ def main() -> None:
         counted = bytes_per_element(pool) * numel
         floor = counted / (triad_gbps * 1e9)
         fused, ref = t["fused"].median, t["torch"].median
-        rows.append((title, shape, fused, ref, counted / fused / 1e9, triad_gbps,
-                     fused / floor, ref / fused, t["fresh"].median, err))
-    print("| case | shape | fused ms | torch ms | fused GB/s | triad GB/s | fused ×floor "
-          "| speed-up | fresh outputs ms | rel. err dx |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for title, shape, fused, ref, gbps, tg, xfloor, speed, fresh, err in rows:
-        print(f"| {title} | {list(shape)} | {fused * 1e3:.1f} | {ref * 1e3:.1f} | {gbps:.1f} | "
-              f"{tg:.1f} | {xfloor:.2f} | {speed:.2f}× | {fresh * 1e3:.1f} | {err:.1e} |")
-    print("fresh outputs: allocating + writing dx, out and index alone (page faults), "
-          "included in both variants' times.")
+        rows.append([title, str(list(shape)), round(fused * 1e3, 2), round(ref * 1e3, 2),
+                     round(counted / fused / 1e9, 2), round(triad_gbps, 2),
+                     round(fused / floor, 3), round(ref / fused, 3),
+                     round(t["fresh"].median * 1e3, 2), float(f"{err:.2e}")])
+    out = {"title": "fused norm → ReLU → pool, forward + backward",
+           "columns": ["case", "shape", "fused ms", "torch ms", "fused GB/s", "triad GB/s",
+                       "fused ×floor", "speed-up", "fresh outputs ms", "rel. err dx"],
+           "rows": rows,
+           "note": f"medians of {args.repeats} interleaved repeats; fresh outputs: allocating "
+                   "+ writing dx, out and index alone (page faults), included in both "
+                   "variants' times."}
+    print(isa_runs.markdown(out), flush=True)
+    return out
+
+
+def extension_path() -> str:
+    import scaleinv_kernels._C as ext  # noqa: PLC0415 (only once the extension is known)
+
+    return ext.__file__
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

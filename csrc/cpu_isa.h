@@ -42,6 +42,20 @@
     BODY(a, lo, hi);                                                                     \
   }
 
+// The same with the vector lane count of csrc/vec.h: BODY<T, W>(args, lo, hi) with W = 4
+// (portable: SSE2 / NEON), 8 (AVX2) and 16 (AVX-512), the widths of each build's registers.
+#define SCALEINV_ISA_CLONES_W(NAME, ARGS, BODY)                                           \
+  template <typename T>                                                                  \
+  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) { BODY<T, 4>(a, lo, hi); } \
+  template <typename T>                                                                  \
+  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {      \
+    BODY<T, 8>(a, lo, hi);                                                               \
+  }                                                                                      \
+  template <typename T>                                                                  \
+  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {  \
+    BODY<T, 16>(a, lo, hi);                                                              \
+  }
+
 namespace scaleinv {
 
 // ATen's CPU capability, read once: 0 default, 1 AVX2, 2 AVX-512.

@@ -3,9 +3,8 @@
 //
 // Why it exists: the first convolution of an ensemble of M CNNs is a grouped convolution
 // with groups = M and one (grey) or three (RGB) input channels per group. oneDNN's grouped
-// kernels are slow there (measured, 4 members x 1 -> 16 channels, 28x28, batch 64, fwd +
-// weight grad: 15.9 ms grouped, 7.5 ms as a loop of per-member convolutions plus the
-// stacking copy). With so few input channels the convolution does ~9 FLOP per output
+// kernels are slow there (forward + weight gradient took about twice as long as a loop of
+// per-member convolutions plus the stacking copy). With so few input channels the convolution does ~9 FLOP per output
 // element and is bound by writing the output (forward) and reading grad_out (backward).
 //
 // Algorithm ("flat rows"): each input plane is copied once into a zero-padded buffer
@@ -18,6 +17,11 @@
 // with grad_out copied into a row-padded buffer whose junk columns are zero. The input
 // gradient is the forward kernel run on grad_out with the flipped, transposed weights
 // (a "full" convolution with padding KH - 1 - ph).
+//
+// Vectors: the loops are written for the vectoriser (lanes of one register block,
+// kLanes), except the float32 weight gradient, whose accumulators GCC keeps on the stack:
+// it is written over VecF<W> (vec.h; W = 4, 8, 16 in the portable, AVX2 and AVX-512
+// builds), with an AVX-512 intrinsics twin that the AVX-512 build runs.
 //
 // Determinism: every output element and every weight-gradient entry is summed by one
 // thread in a fixed order; weight gradients accumulate the per-plane fp32 (or fp64) dot
@@ -37,6 +41,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -50,6 +55,7 @@
 
 #include "checks.h"
 #include "cpu_isa.h"
+#include "vec.h"
 
 namespace scaleinv {
 namespace {
@@ -140,7 +146,7 @@ DC_INLINE std::vector<int64_t> tap_offsets(const ConvGeo& g) {
 }
 
 // Output planes of (n, g) items [lo, hi).
-template <typename T, bool FMA>
+template <typename T, bool FMA, int /*W*/>
 DC_INLINE void forward_items(const FwdArgs<T>& a, int64_t lo, int64_t hi) {
   const ConvGeo& g = a.g;
   const int64_t ntaps = g.Ci * g.KH * g.KW;
@@ -216,10 +222,9 @@ DC_INLINE void wgrad_taps(const T* __restrict__ gy, const T* xpn, const int64_t*
 #define DC_AVX512_FN SCALEINV_TARGET_AVX512
 
 // float32 weight gradient of one sample, AVX-512: sums[k] += sum over the plane of
-// grad_out * x shifted by off[k], for NT <= 8 taps. The portable wgrad_taps keeps its
-// accumulators on the stack (GCC does not registerise acc[TB][16]); here they are NT zmm
-// registers, each grad_out vector feeding NT fused multiply-adds (weight gradient of a
-// chunk of 8 members, 1 -> 16 channels, 28x28, batch 64: 3.5 ms portable, 2.0 ms here).
+// grad_out * x shifted by off[k], for NT <= 8 taps; NT zmm accumulators, each grad_out
+// vector feeding NT fused multiply-adds. The AVX-512 build's path; wgrad_plane_v below is
+// its portable twin (the same bits at W = 16).
 template <int NT>
 DC_AVX512_FN void wgrad_plane_f32(const float* gy, const float* xpn, const int64_t* off,
                                   const ConvGeo& g, double* sums) {
@@ -259,6 +264,61 @@ DC_AVX512_FN void wgrad_plane_f32_taps(const float* gy, const float* xpn, const 
 }
 #endif
 
+// float32 weight gradient of one sample over VecF<W> (every build; the AVX-512 kernel
+// above computes the same at W = 16): NT accumulator vectors (GCC does not keep the plain
+// loops' acc[TB][16] in registers), each grad_out vector feeding NT multiply-adds (fused
+// in the FMA builds, as ATen's kernels), each tap's lanes summed by a halving tree (the
+// order of _mm512_reduce_add_ps).
+template <int W, bool FMA, int NT>
+DC_INLINE void wgrad_plane_v(const float* gy, const float* xpn, const int64_t* off,
+                             const ConvGeo& g, double* sums) {
+  using F = VecF<W>;
+  F acc[NT];
+#pragma GCC unroll 8
+  for (int k = 0; k < NT; ++k) acc[k] = F::zero();
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const float* gr = gy + oh * g.Wo;
+    const float* base = xpn + oh * g.Wp;
+    for (int64_t ow = 0; ow < g.Wo; ow += W) {
+      // 0 past Wo; the x loads may read past the row into the padded buffer's tail
+      const F gv = F::load_n(gr + ow, static_cast<int>(std::min<int64_t>(W, g.Wo - ow)));
+#pragma GCC unroll 8
+      for (int k = 0; k < NT; ++k) {
+        const F xv = F::load(base + ow + off[k]);
+        acc[k] = FMA ? fmadd(gv, xv, acc[k]) : gv * xv + acc[k];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < NT; ++k) {
+    float l[W];
+    acc[k].store(l);
+    for (int h = W / 2; h >= 1; h /= 2)
+      for (int i = 0; i < h; ++i) l[i] = l[i] + l[i + h];
+    sums[k] += static_cast<double>(l[0]);
+  }
+}
+
+template <int W, bool FMA>
+DC_INLINE void wgrad_plane_v_taps(const float* gy, const float* xpn, const int64_t* off,
+                                  int64_t ntaps, const ConvGeo& g, double* sums) {
+  for (int64_t t = 0; t < ntaps; t += 8) {
+    const int64_t nt = std::min<int64_t>(8, ntaps - t);
+    const int64_t* o = off + t;
+    double* s = sums + t;
+    switch (nt) {
+      case 8: wgrad_plane_v<W, FMA, 8>(gy, xpn, o, g, s); break;
+      case 7: wgrad_plane_v<W, FMA, 7>(gy, xpn, o, g, s); break;
+      case 6: wgrad_plane_v<W, FMA, 6>(gy, xpn, o, g, s); break;
+      case 5: wgrad_plane_v<W, FMA, 5>(gy, xpn, o, g, s); break;
+      case 4: wgrad_plane_v<W, FMA, 4>(gy, xpn, o, g, s); break;
+      case 3: wgrad_plane_v<W, FMA, 3>(gy, xpn, o, g, s); break;
+      case 2: wgrad_plane_v<W, FMA, 2>(gy, xpn, o, g, s); break;
+      default: wgrad_plane_v<W, FMA, 1>(gy, xpn, o, g, s); break;
+    }
+  }
+}
+
 // Weight-gradient rows for items [lo, hi): item i covers output channels
 // [i*kWgradCo, (i+1)*kWgradCo) of one group (so per sample its grad_out planes are one
 // contiguous run the prefetchers follow; one channel at a time read 3 KB runs 400 KB
@@ -267,13 +327,18 @@ DC_AVX512_FN void wgrad_plane_f32_taps(const float* gy, const float* xpn, const 
 constexpr int kTapBlock = 4;
 constexpr int64_t kWgradCo = 4;
 
-template <typename T, bool FMA>
+template <typename T, bool FMA, int W>
 DC_INLINE void wgrad_items(const WgradArgs<T>& a, int64_t lo, int64_t hi) {
   const ConvGeo& g = a.g;
   const int64_t ntaps = g.Ci * g.KH * g.KW;
   const int64_t blocks = (g.Co + kWgradCo - 1) / kWgradCo;  // per group
   const std::vector<int64_t> off = tap_offsets<T>(g);
   std::vector<double> sums(kWgradCo * ntaps);
+#ifdef DC_HAVE_AVX512_KERNELS
+  // the intrinsics kernel where ATen runs AVX-512 (SCALEINV_NO_AVX512=1: the VecF twin)
+  const bool use_avx512 = std::is_same_v<T, float> && isa_level() == 2 &&
+                          std::getenv("SCALEINV_NO_AVX512") == nullptr;
+#endif
   for (int64_t item = lo; item < hi; ++item) {
     const int64_t grp = item / blocks;
     const int64_t co0 = (item % blocks) * kWgradCo, nco = std::min(kWgradCo, g.Co - co0);
@@ -283,14 +348,16 @@ DC_INLINE void wgrad_items(const WgradArgs<T>& a, int64_t lo, int64_t hi) {
       for (int64_t c = 0; c < nco; ++c) {
         const T* gy = a.gy + (n * g.G * g.Co + grp * g.Co + co0 + c) * g.Ho * g.Wo;
         double* sc = sums.data() + c * ntaps;
-#ifdef DC_HAVE_AVX512_KERNELS
         if constexpr (std::is_same_v<T, float>) {
-          if (isa_level() == 2) {
+#ifdef DC_HAVE_AVX512_KERNELS
+          if (use_avx512) {
             wgrad_plane_f32_taps(gy, xpn, off.data(), ntaps, g, sc);
             continue;
           }
-        }
 #endif
+          wgrad_plane_v_taps<W, FMA>(gy, xpn, off.data(), ntaps, g, sc);
+          continue;
+        }
         int64_t t = 0;
         for (; t + kTapBlock <= ntaps; t += kTapBlock)
           wgrad_taps<T, FMA, kTapBlock>(gy, xpn, off.data() + t, g, sc + t);
@@ -309,25 +376,26 @@ struct PadArgs {
   ConvGeo g;
 };
 
-template <typename T, bool /*FMA*/>
+template <typename T, bool /*FMA*/, int /*W*/>
 DC_INLINE void pad_items(const PadArgs<T>& a, int64_t lo, int64_t hi) {
   for (int64_t p = lo; p < hi; ++p) pad_plane(a.x + p * a.g.H * a.g.W, a.xp + p * a.g.plen, a.g);
 }
 
 // ---- instruction-set builds (cpu_isa.h: one per ATen CPU capability) ------------------
 // The portable build multiplies and adds separately; the AVX2/AVX-512 ones use FMA.
-#define DC_CLONES(NAME, ARGS, BODY)                                                    \
-  template <typename T>                                                                   \
-  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) {                         \
-    BODY<T, false>(a, lo, hi);                                                            \
-  }                                                                                       \
-  template <typename T>                                                                   \
-  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {                    \
-    BODY<T, true>(a, lo, hi);                                                             \
-  }                                                                                       \
-  template <typename T>                                                                   \
-  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {                \
-    BODY<T, true>(a, lo, hi);                                                             \
+// BODY<T, FMA, W>: W the vector lanes of the build (vec.h).
+#define DC_CLONES(NAME, ARGS, BODY)                                                       \
+  template <typename T>                                                                  \
+  void NAME##_default(const ARGS<T>& a, int64_t lo, int64_t hi) {                        \
+    BODY<T, false, kLanesDefault>(a, lo, hi);                                            \
+  }                                                                                      \
+  template <typename T>                                                                  \
+  SCALEINV_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& a, int64_t lo, int64_t hi) {      \
+    BODY<T, true, kLanesAvx2>(a, lo, hi);                                                \
+  }                                                                                      \
+  template <typename T>                                                                  \
+  SCALEINV_TARGET_AVX512 void NAME##_avx512(const ARGS<T>& a, int64_t lo, int64_t hi) {  \
+    BODY<T, true, kLanesAvx512>(a, lo, hi);                                              \
   }
 
 DC_CLONES(fwd, FwdArgs, forward_items)

@@ -1,9 +1,13 @@
 // The per-plane forward window kernels of the fused norm ops: y = relu?(x * alpha + beta)
 // over one plane, then a 2x2 max pool with torch's tie/NaN rule and a one-byte window
-// index (or no pool). Shared by csrc/norm_act.cpp (BatchNorm/GroupNorm over a
-// materialised x) and csrc/conv_norm_act.cpp (x computed by a convolution into an L1
-// buffer, plane by plane). Plain C++ for the vectoriser, except the pooled float32 path
-// (AVX-512 intrinsics: GCC does not vectorise the stride-2 window loops).
+// index (or no pool). Shared by the BatchNorm and GroupNorm drivers (bn_act.cpp,
+// gn_act.cpp: x materialised) and csrc/conv_norm_act.cpp (x computed by a convolution
+// into an L1 buffer, plane by plane).
+//
+// The pooled float32 path is written once over VecF<W> (csrc/vec.h), W windows per step
+// (GCC does not vectorise the stride-2 window loops with their mixed float/uint8 lanes);
+// the AVX-512 build runs its intrinsics twin instead (below), which gives the same bits.
+// float64 and the unpooled path are plain loops for the vectoriser.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +20,7 @@
 #endif
 
 #include "cpu_isa.h"
+#include "vec.h"
 
 namespace scaleinv {
 
@@ -34,8 +39,7 @@ inline bool use_avx512_kernels() {
 }
 
 // ---- AVX-512 kernels for the 2x2 windows (float32) --------------------------------
-// GCC does not vectorise the stride-2 window loops (mixed float/uint8 lanes), so the
-// pooled paths are written with intrinsics: 16 windows per step, the two input rows
+// The AVX-512 build's twin of the portable kernels below: 16 windows per step, the two input rows
 // loaded as 2 x 16 floats each and split into even/odd columns with permutes; masked
 // loads/stores cover the tail (Wo is often < 16, e.g. 14 or 7).
 #ifdef SCALEINV_X86_BUILDS
@@ -170,6 +174,90 @@ NA_AVX512_FN static inline void pool_plane_f32(const float* x, float* out, uint8
 }
 #endif  // SCALEINV_X86_BUILDS
 
+// ---- portable kernels for the 2x2 windows (float32, W lanes) ------------------------
+// A step covers up to W windows of one output row: the two input rows' next 2W columns
+// are loaded as two W-vectors each and split into even/odd columns (the four corners).
+// Loads and stores are whole vectors wherever they stay inside the plane: lanes past the
+// step's windows then hold neighbouring values, which are never used, and stores that
+// spill past the step land on windows of the plane that are written later (row-major
+// order); only at the plane's end are they counted (load_n/store_n).
+
+// Loads W values at p where that stays before end, else the first n (n <= W, the rest 0).
+template <int W>
+SCALEINV_INLINE VecF<W> load_in(const float* p, int n, const float* end) {
+  return p + W <= end ? VecF<W>::load(p) : VecF<W>::load_n(p, n);
+}
+template <int W>
+SCALEINV_INLINE void store_in(const VecF<W>& v, float* p, int n, const float* end) {
+  if (p + W <= end)
+    v.store(p);
+  else
+    v.store_n(p, n);
+}
+
+// The four corners (top-left, top-right, bottom-left, bottom-right) of the windows whose
+// top-left columns are c, c+2, ..., c+2(rem-1) of rows r0 (top) and r1 (bottom).
+template <int W>
+SCALEINV_INLINE void window_corners_vec(const float* r0, const float* r1, int rem,
+                                        const float* end, VecF<W>* v) {
+  const int na = std::min(2 * rem, W), nb = std::max(0, 2 * rem - W);
+  const VecF<W> a0 = load_in<W>(r0, na, end), b0 = load_in<W>(r0 + W, nb, end);
+  const VecF<W> a1 = load_in<W>(r1, na, end), b1 = load_in<W>(r1 + W, nb, end);
+  v[0] = even(a0, b0);
+  v[1] = odd(a0, b0);
+  v[2] = even(a1, b1);
+  v[3] = odd(a1, b1);
+}
+
+// v: the four window corners x; y = relu?(x * a + b) (unfused, like the scalar loop);
+// returns the max of y with torch's rule (the first max in row-major order, a NaN
+// replaces the running max) and its index 0..3.
+template <int W>
+SCALEINV_INLINE VecF<W> window_max_vec(VecF<W>* v, VecF<W> va, VecF<W> vb, bool relu,
+                                       VecI<W>* idx) {
+  const VecF<W> z = VecF<W>::zero();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = v[j] * va + vb;
+    if (relu) v[j] = VecF<W>::select(lt(v[j], z), z, v[j]);
+  }
+  VecF<W> best = v[0];
+  *idx = VecI<W>::zero();
+  for (int j = 1; j < 4; ++j) {
+    const VecI<W> up = gt(v[j], best) | unord(v[j], v[j]);
+    best = VecF<W>::select(up, v[j], best);
+    *idx = VecI<W>::select(up, VecI<W>::broadcast(j), *idx);
+  }
+  return best;
+}
+
+// Forward: one plane, y = relu?(x * alpha + beta), 2x2 max with torch's rule, index.
+template <int W>
+SCALEINV_INLINE void pool_plane_vec(const float* x, float* out, uint8_t* ind, int64_t Wd,
+                                    int64_t Ho, int64_t Wo, float alpha, float beta,
+                                    bool relu) {
+  const VecF<W> va = VecF<W>::broadcast(alpha), vb = VecF<W>::broadcast(beta);
+  const float* xend = x + 2 * Ho * Wd;  // the rows the windows read
+  const float* oend = out + Ho * Wo;
+  const uint8_t* kend = ind + Ho * Wo;
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    const float* r0 = x + 2 * oh * Wd;
+    for (int64_t ow = 0; ow < Wo; ow += W) {
+      const int rem = static_cast<int>(std::min<int64_t>(W, Wo - ow));
+      VecF<W> v[4];
+      window_corners_vec<W>(r0 + 2 * ow, r0 + Wd + 2 * ow, rem, xend, v);
+      VecI<W> idx;
+      const VecF<W> best = window_max_vec<W>(v, va, vb, relu, &idx);
+      float* o = out + oh * Wo + ow;
+      uint8_t* k = ind + oh * Wo + ow;
+      store_in<W>(best, o, rem, oend);
+      if (k + W <= kend)
+        idx.store_u8(k);
+      else
+        idx.store_u8_n(k, rem);
+    }
+  }
+}
+
 template <typename T>
 SCALEINV_INLINE T relu_keep_nan(T v) {
   return v < T(0) ? T(0) : v;  // NaN and -0.0 pass unchanged, like torch.relu
@@ -224,16 +312,20 @@ SCALEINV_INLINE void plane_nopool(const T* __restrict__ x, T* __restrict__ out, 
 }
 
 // One plane: x [H, W] (row stride W) -> out [Ho, Wo] and ind [Ho, Wo] (pool == 2) or
-// out [H, W] (pool == 0), with the geometry and flags of g.
-template <typename T>
+// out [H, W] (pool == 0), with the geometry and flags of g. W: the vector lanes of the
+// calling build (kLanesDefault works in every build, only narrower).
+template <int W = kLanesDefault, typename T>
 SCALEINV_INLINE void plane_forward_at(const T* x, T* out, uint8_t* ind, const Geo& g, T alpha,
                                       T beta) {
-#ifdef NA_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (g.pool == 2 && use_avx512_kernels())
-      return pool_plane_f32(x, out, ind, g.W, g.Ho, g.Wo, alpha, beta, g.relu);
-  }
+    if (g.pool == 2) {
+#ifdef NA_HAVE_AVX512_KERNELS
+      if (use_avx512_kernels())
+        return pool_plane_f32(x, out, ind, g.W, g.Ho, g.Wo, alpha, beta, g.relu);
 #endif
+      return pool_plane_vec<W>(x, out, ind, g.W, g.Ho, g.Wo, alpha, beta, g.relu);
+    }
+  }
   if (g.pool == 2) {
     if (g.relu)
       plane_pool<T, true>(x, out, ind, g, alpha, beta);

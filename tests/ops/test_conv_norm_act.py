@@ -674,3 +674,76 @@ def test_other_kernel_paths_match_unfused(setting):
     if key == "ATEN_CPU_CAPABILITY":
         assert used.lower() == value
     assert float(worst) <= 1e-5, f"{setting}: worst relative difference {worst}"
+
+
+ACROSS_BUILDS_SCRIPT = r"""
+import sys
+import torch
+import scaleinv_kernels  # noqa: F401 (registers the ops)
+out = []
+for x, cw, wt, b, mean, invstd, go, g, pad in torch.load(sys.argv[1]):
+    for training in (True, False):
+        m, s = (None, None) if training else (mean, invstd)
+        res = torch.ops.scaleinv.conv_bn_act_pool(x, cw, g, pad, wt, b, m, s, 1e-5, True)
+        grads = torch.ops.scaleinv.conv_bn_act_pool_backward(
+            go, x, cw, g, pad, wt, res[1], res[2], res[0], res[3], res[4], training, True,
+            [True, True, True])
+        out.append((list(res), list(grads)))
+torch.save((torch.backends.cpu.get_cpu_capability(), out), sys.argv[2])
+"""
+
+
+def test_forward_bits_are_the_same_in_every_build(tmp_path):
+    """The float32 forward (outputs, window indices, statistics) is the same bits in the
+    portable (W = 4 lanes), AVX2 (8) and AVX-512 (16) builds and in the AVX-512 intrinsics
+    kernels: each lane runs the same fused multiply-adds in tap order, so nothing may
+    depend on the lane count. The backward's sums are float32 vectors of W lanes, so only
+    the same W gives the same bits: the AVX-512 intrinsics kernels and their portable
+    twin (SCALEINV_NO_AVX512=1) on a CPU with AVX-512. Each setting is read once per
+    process, so each runs in a fresh one; the inputs are made here (torch's random
+    kernels draw differently per build)."""
+    # (N, groups, C_in, C_out, H, W, KH, KW, ph, pw): the compiled tap geometries (grey and
+    # RGB 3x3, grey 5x5), a runtime one (3x1), tails of 1..W-1 windows, one channel (no
+    # pair), the real input layer
+    rows = [(4, 3, 1, 4, 7, 5, 3, 3, 1, 1), (2, 1, 3, 5, 8, 9, 3, 3, 1, 1),
+            (2, 2, 1, 4, 9, 8, 5, 5, 2, 1), (2, 2, 1, 3, 5, 37, 3, 1, 1, 0),
+            (1, 1, 3, 1, 4, 70, 3, 3, 0, 1), (3, 4, 1, 16, 28, 28, 3, 3, 1, 1)]
+    inputs = []
+    gen = torch.Generator().manual_seed(7)
+    for n, g, ci, co, h, w, kh, kw, ph, pw in rows:
+        c = g * co
+        inputs.append((torch.randn(n, g * ci, h, w, generator=gen),
+                       torch.randn(c, ci, kh, kw, generator=gen),
+                       torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen),
+                       torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
+                       torch.randn(n, c, (h + 2 * ph - kh + 1) // 2,
+                                   (w + 2 * pw - kw + 1) // 2, generator=gen), g, [ph, pw]))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    # what the CPU supports (not the capability this process was started with)
+    settings = [{"ATEN_CPU_CAPABILITY": "default"}]
+    if torch.cpu._is_avx2_supported():
+        settings.append({"ATEN_CPU_CAPABILITY": "avx2"})
+    avx512 = torch.cpu._is_avx512_supported()
+    if avx512:
+        settings += [{"ATEN_CPU_CAPABILITY": "avx512"},
+                     {"ATEN_CPU_CAPABILITY": "avx512", "SCALEINV_NO_AVX512": "1"}]
+    results = []
+    for i, setting in enumerate(settings):
+        path = tmp_path / f"run{i}.pt"
+        run = subprocess.run([sys.executable, "-c", ACROSS_BUILDS_SCRIPT,
+                              str(tmp_path / "inputs.pt"), str(path)],
+                             env={**os.environ, **setting}, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        used, out = torch.load(path)
+        assert used.lower() == setting["ATEN_CPU_CAPABILITY"]
+        results.append(out)
+    assert len(results) >= 2, "at least the portable and one vector build run here"
+    for setting, out in zip(settings[1:], results[1:]):
+        for case, ((fwd, _), (fwd0, _)) in enumerate(zip(out, results[0])):
+            for k, (a, e) in enumerate(zip(fwd[:4], fwd0[:4])):
+                assert_bitwise(a, e, f"{setting}: case {case} forward output {k}")
+    if avx512:
+        for case, ((_, grads), (_, grads0)) in enumerate(zip(results[3], results[2])):
+            for k, (a, e) in enumerate(zip(grads, grads0)):
+                assert_bitwise(a, e, f"portable twin vs AVX-512: case {case} gradient {k}")

@@ -38,7 +38,7 @@ CASES = [
     ((2, 3, 9), 0),
     ((2, 3, 5, 5), 0),
     # without pool the C++ kernel runs tiny planes (<= 144 B) as flat runs of a channel
-    # group, larger ones plane by plane (csrc/norm_act.cpp, flat_runs): both routes
+    # group, larger ones plane by plane (csrc/bn_act.cpp, flat_runs): both routes
     ((6, 37, 5, 5), 0),  # groups of several 25-value planes, flat
     ((5, 7), 0),  # BatchNorm1d-like [N, C], flat
     ((6, 37, 7, 7), 0),  # the ensemble's last layer: plane by plane
@@ -262,7 +262,7 @@ def test_backward_xhat_source(pool, relu, backend):
     """The sums take x̂ from out on well-conditioned channels and from x elsewhere: both
     match the float64 reference, and perturbing out (same signs) moves grad_weight on
     exactly the channels xhat_source picks. Exception: the C++ kernel's flat runs for
-    small planes without pooling (csrc/norm_act.cpp, flat_runs) read x on every channel,
+    small planes without pooling (csrc/bn_act.cpp, flat_runs) read x on every channel,
     so there out's magnitude moves nothing. The Triton backward runs on TRITON_DEVICE;
     each channel's at most 200 positions fit one program on a GPU too (one block of
     MAX_BLOCK), so its sums have no atomics race and the unchanged channels stay bitwise
