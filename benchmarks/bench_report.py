@@ -7,9 +7,11 @@ Every benchmark script writes its tables to ``benchmarks/results/<name>.json``::
 
     {"title": str, "command": str,
      "runs": [{"machine": {"cpu": str, "isa": str, "torch": str, "threads": int,
-                           "date": str},
+                           "date": str, ["available": bool]},
                "tables": [{"title": str, "columns": [str], "rows": [[str | number]],
                            "note": str}]}]}
+
+A run with ``"available": false`` (an instruction set the CPU lacks) has no tables.
 
 This script validates each file (a malformed one stops it with an error naming the file
 and the offending field) and renders all of them, sorted by file name, into one markdown
@@ -118,9 +120,12 @@ def validate(doc: Any, source: str) -> None:
             ok = (isinstance(value, int) and not isinstance(value, bool) if kind is int
                   else isinstance(value, str))
             _need(ok, f"{where}.machine", f'"{key}" must be a {kind.__name__}, got {value!r}')
+        available = mach.get("available", True)
+        _need(isinstance(available, bool), f"{where}.machine", '"available" must be a bool')
         tables = run.get("tables")
-        _need(isinstance(tables, list) and len(tables) > 0, where,
-              '"tables" must be a non-empty list')
+        # a run of an instruction set the CPU lacks (isa_runs.py) has no tables
+        _need(isinstance(tables, list) and (len(tables) > 0 or not available), where,
+              '"tables" must be a non-empty list (empty only when "available" is false)')
         for j, table in enumerate(tables):
             tw = f"{where}.tables[{j}]"
             _need(isinstance(table, dict), tw, "must be an object")
@@ -196,9 +201,16 @@ def render(docs: Sequence[tuple[str, dict[str, Any]]]) -> str:
            "it by hand. Every number is one machine's measurement, named above its tables: "
            "timings on another CPU, thread count or torch version differ, and timings taken "
            "while other processes shared the CPU are noisier.", ""]
+    # GitHub numbers repeated headings: the second "## T" is reached as #t-1
+    seen: dict[str, int] = {}
+    anchors = []
+    for _, d in docs:
+        base = anchor(d["title"])
+        anchors.append(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
     out += ["| results file | benchmark | command |", "|---|---|---|"]
-    out += [f"| `{name}` | [{format_cell(d['title'])}](#{anchor(d['title'])}) | "
-            f"`{format_cell(d['command'])}` |" for name, d in docs]
+    out += [f"| `{name}` | [{format_cell(d['title'])}](#{a}) | "
+            f"`{format_cell(d['command'])}` |" for (name, d), a in zip(docs, anchors)]
     for name, doc in docs:
         out += ["", f"## {doc['title']}", "", f"Command: `{doc['command']}` (results file "
                 f"`benchmarks/results/{name}`)."]
@@ -208,6 +220,8 @@ def render(docs: Sequence[tuple[str, dict[str, Any]]]) -> str:
             if many:
                 out += [f"### Run {i + 1}", ""]
             out += [f"Machine: {machine_line(run['machine'])}."]
+            if not run["machine"].get("available", True):
+                out += ["", f"Not run: this CPU does not support {run['machine']['isa']}."]
             for table in run["tables"]:
                 out += ["", render_table(table, level=4 if many else 3)]
     return "\n".join(out) + "\n"
@@ -221,7 +235,7 @@ def anchor(title: str) -> str:
 def readme_block(doc: dict[str, Any], index: int, name: str) -> str:
     """Table ``index`` of ``doc``'s first run, with its machine and command."""
     tables = doc["runs"][0]["tables"]
-    if not 0 <= index < len(tables):
+    if not 0 <= index < len(tables):  # also a first run that was not available
         raise ReportError(f"{name}: the README asks for table {index}, the first run has "
                           f"{len(tables)}")
     return (f"**{format_cell(tables[index]['title'])}**\n\n"

@@ -150,6 +150,9 @@ def _broken_docs() -> list[tuple[str, object, str]]:
     broken("null cell", lambda d: d["runs"][0]["tables"][0]["rows"][0].__setitem__(1, None),
            "strings or numbers")
     broken("no note", lambda d: d["runs"][0]["tables"][0].pop("note"), '"note"')
+    broken("no tables", lambda d: d["runs"][0].update(tables=[]), '"tables"')
+    broken("available as text", lambda d: d["runs"][0]["machine"].update(available="no"),
+           '"available"')
     return cases
 
 
@@ -223,3 +226,30 @@ def test_sgd_wd_report_tables_follow_the_schema_and_carry_the_timings():
     assert tt["rows"][0][0] == "a target"
     assert tt["rows"][0][2] == round(target.value, 2)
     assert tt["rows"][0][3] == ("PASS" if target.value >= 2.0 else "FAIL")
+
+
+def test_a_run_of_an_unavailable_isa_is_reported_without_tables(tmp_path: Path):
+    rng = random.Random(9)
+    doc = _doc(rng, n_runs=2)
+    missing = doc["runs"][1]
+    missing["machine"]["available"] = False
+    missing["tables"] = []
+    _write(tmp_path, "isa.json", doc)
+    out = tmp_path / "r.md"
+    assert br.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert f"Not run: this CPU does not support {missing['machine']['isa']}." in md
+    for table in doc["runs"][0]["tables"]:
+        assert f" {table['title']}\n" in md
+
+
+def test_index_links_reach_repeated_titles(tmp_path: Path):
+    rng = random.Random(10)
+    first, second = _doc(rng), _doc(rng)
+    second["title"] = first["title"]
+    _write(tmp_path, "a.json", first)
+    _write(tmp_path, "b.json", second)
+    md = br.render([("a.json", br.load(tmp_path / "a.json")),
+                    ("b.json", br.load(tmp_path / "b.json"))])
+    base = br.anchor(first["title"])
+    assert f"](#{base})" in md and f"](#{base}-1)" in md

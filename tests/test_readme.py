@@ -84,7 +84,13 @@ DOTTED = re.compile(r"^scaleinv_kernels(?:\.\w+)+")
 def _anchors(markdown: str) -> set[str]:
     text = FENCE.sub("", markdown)
     heads = re.findall(r"^#{1,6} (.+)$", text, re.M)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+    out: set[str] = set()
+    seen: dict[str, int] = {}
+    for h in heads:  # GitHub numbers repeated headings: t, t-1, t-2, ...
+        base = re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        out.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return out
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_rel)
