@@ -272,9 +272,9 @@ SCALEINV_INLINE void routed_vec(const float* go, const float* o, const uint8_t* 
 
 // v[kk] per lane (kk in 0..3).
 template <int W>
-SCALEINV_INLINE VecF<W> corner_at_vec(const VecF<W>* v, VecI<W> kk) {
+SCALEINV_INLINE VecF<W> corner_at_vec(const VecF<W>* v, VecI<W> kk, const CornerIds<W>& ids) {
   VecF<W> x = v[0];
-  for (int j = 1; j < 4; ++j) x = VecF<W>::select(eq(kk, VecI<W>::broadcast(j)), v[j], x);
+  for (int j = 1; j < 4; ++j) x = VecF<W>::select(eq(kk, ids.k[j]), v[j], x);
   return x;
 }
 
@@ -299,6 +299,7 @@ SCALEINV_INLINE void pool_sums_plane_vec(const float* x, const float* go, const 
                                          double* s1, double* s2) {
   VecD<W> acc1 = VecD<W>::zero(), acc2 = VecD<W>::zero();
   const VecF<W> vm = VecF<W>::broadcast(shift);
+  const CornerIds<W> ids;
   const float* xend = x + 2 * Ho * Wd;
   for (int64_t oh = 0; oh < Ho; ++oh) {
     const float* r0 = x + 2 * oh * Wd;
@@ -313,7 +314,7 @@ SCALEINV_INLINE void pool_sums_plane_vec(const float* x, const float* go, const 
       } else {
         VecF<W> c[4];
         window_corners_vec<W>(r0 + 2 * ow, r0 + Wd + 2 * ow, rem, xend, c);
-        v = corner_at_vec<W>(c, kk);
+        v = corner_at_vec<W>(c, kk, ids);
       }
       VecF<W> d = v - vm;
       // lanes past the windows: g = 0, and d = 0 so that 0 * (a neighbour's inf) adds 0
@@ -355,6 +356,7 @@ SCALEINV_INLINE void pool_dx_plane_vec(const float* x, float* dx, const float* g
   const VecF<W> vs = VecF<W>::broadcast(scale), vk0 = VecF<W>::broadcast(k0),
                 vk2 = VecF<W>::broadcast(k2), vm = VecF<W>::broadcast(mean),
                 z = VecF<W>::zero();
+  const CornerIds<W> ids;
   auto base = [&](VecF<W> xv) { return training ? vk0 + vk2 * (xv - vm) : z; };
   auto base1 = [&](float xv) { return training ? k0 + k2 * (xv - mean) : 0.0f; };
   const float* xend = x + H * Wd;
@@ -372,7 +374,7 @@ SCALEINV_INLINE void pool_dx_plane_vec(const float* x, float* dx, const float* g
       routed_vec<W>(go + j, o + j, k + j, rem, Ho * Wo - j, relu, &g, &kk);
       const VecF<W> sg = g * vs;
       VecF<W> c[4];  // scale * g at top-left, top-right, bottom-left, bottom-right
-      for (int q = 0; q < 4; ++q) c[q] = VecF<W>::select(eq(kk, VecI<W>::broadcast(q)), sg, z);
+      for (int q = 0; q < 4; ++q) c[q] = VecF<W>::select(eq(kk, ids.k[q]), sg, z);
       const int64_t col = 2 * ow;
       const int na = std::min(2 * rem, W), nb = std::max(0, 2 * rem - W);
       // A whole-vector store past the step's columns lands on the row's dropped last
