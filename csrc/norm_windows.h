@@ -257,73 +257,45 @@ NA_AVX512_FN inline void store_fence() { _mm_sfence(); }
 // One output row's windows per step, as in pool_plane_vec (window_kernels.h): whole-vector
 // loads wherever they stay inside the plane; lanes past the step's windows get g = 0.
 
-// g = grad_out (masked by out > 0 with relu; 0 on lanes >= rem) and the window index kk
-// of the rem windows at go/o/k, which are followed by left - rem more of the plane's.
+// Lanes 0..rem-1 of the last step of each output row (all lanes when Wo is a multiple of
+// W), built once per plane (see CornerIds).
+template <int W>
+SCALEINV_INLINE VecI<W> row_tail_lanes(int64_t Wo) {
+  const int rem = static_cast<int>(Wo - (Wo - 1) / W * W);
+  return lt(VecI<W>::iota(), VecI<W>::broadcast(rem));
+}
+
+// g = grad_out (masked by out > 0 with relu; 0 on lanes >= rem, given by tail) and the
+// window index kk of the rem windows at go/o/k, which are followed by left - rem more of
+// the plane's.
 template <int W>
 SCALEINV_INLINE void routed_vec(const float* go, const float* o, const uint8_t* k, int rem,
-                                int64_t left, bool relu, VecF<W>* g, VecI<W>* kk) {
+                                int64_t left, bool relu, const VecI<W>& tail, VecF<W>* g,
+                                VecI<W>* kk) {
   const bool whole = left >= W;
   const VecF<W> z = VecF<W>::zero();
   *g = whole ? VecF<W>::load(go) : VecF<W>::load_n(go, rem);
   if (relu) *g = VecF<W>::select(gt(whole ? VecF<W>::load(o) : VecF<W>::load_n(o, rem), z), *g, z);
-  if (rem < W) *g = VecF<W>::select(lt(VecI<W>::iota(), VecI<W>::broadcast(rem)), *g, z);
+  if (rem < W) *g = VecF<W>::select(tail, *g, z);
   *kk = whole ? VecI<W>::load_u8(k) : VecI<W>::load_u8_n(k, rem);
 }
 
 // v[kk] per lane (kk in 0..3).
 template <int W>
-SCALEINV_INLINE VecF<W> corner_at_vec(const VecF<W>* v, VecI<W> kk) {
+SCALEINV_INLINE VecF<W> corner_at_vec(const VecF<W>* v, VecI<W> kk, const CornerIds<W>& ids) {
   VecF<W> x = v[0];
-  for (int j = 1; j < 4; ++j) x = VecF<W>::select(eq(kk, VecI<W>::broadcast(j)), v[j], x);
+  for (int j = 1; j < 4; ++j) x = VecF<W>::select(eq(kk, ids.k[j]), v[j], x);
   return x;
 }
 
-// acc1 += g, acc2 += g * d in fp64 (fused where the build has FMA: the portable build's
-// fma would be a library call per lane).
+// acc1 += g, acc2 += g * d in fp64 (multiply, then add: the order of the lanes' sums
+// differs from the AVX-512 twin's anyway, and a per-lane fma is a library call in the
+// portable build).
 template <int W>
 SCALEINV_INLINE void accumulate_sums_vec(VecF<W> g, VecF<W> d, VecD<W>* acc1, VecD<W>* acc2) {
   const VecD<W> gd = VecD<W>::from(g);
   *acc1 = *acc1 + gd;
-  if constexpr (W > kLanesDefault)
-    *acc2 = fmadd(gd, VecD<W>::from(d), *acc2);
-  else
-    *acc2 = *acc2 + gd * VecD<W>::from(d);
-}
-
-// Twin of pool_sums_plane_f32: s1 += g, s2 += g * (v - shift) over one plane's windows, v
-// the window's output (from_out) or x at the argmax.
-template <int W>
-SCALEINV_INLINE void pool_sums_plane_vec(const float* x, const float* go, const float* o,
-                                         const uint8_t* k, int64_t Wd, int64_t Ho,
-                                         int64_t Wo, float shift, bool from_out, bool relu,
-                                         double* s1, double* s2) {
-  VecD<W> acc1 = VecD<W>::zero(), acc2 = VecD<W>::zero();
-  const VecF<W> vm = VecF<W>::broadcast(shift);
-  const float* xend = x + 2 * Ho * Wd;
-  for (int64_t oh = 0; oh < Ho; ++oh) {
-    const float* r0 = x + 2 * oh * Wd;
-    for (int64_t ow = 0; ow < Wo; ow += W) {
-      const int rem = static_cast<int>(std::min<int64_t>(W, Wo - ow));
-      const int64_t j = oh * Wo + ow;
-      VecF<W> g, v;
-      VecI<W> kk;
-      routed_vec<W>(go + j, o + j, k + j, rem, Ho * Wo - j, relu, &g, &kk);
-      if (from_out) {
-        v = Ho * Wo - j >= W ? VecF<W>::load(o + j) : VecF<W>::load_n(o + j, rem);
-      } else {
-        VecF<W> c[4];
-        window_corners_vec<W>(r0 + 2 * ow, r0 + Wd + 2 * ow, rem, xend, c);
-        v = corner_at_vec<W>(c, kk);
-      }
-      VecF<W> d = v - vm;
-      // lanes past the windows: g = 0, and d = 0 so that 0 * (a neighbour's inf) adds 0
-      if (rem < W)
-        d = VecF<W>::select(lt(VecI<W>::iota(), VecI<W>::broadcast(rem)), d, VecF<W>::zero());
-      accumulate_sums_vec<W>(g, d, &acc1, &acc2);
-    }
-  }
-  *s1 += acc1.hsum();
-  *s2 += acc2.hsum();
+  *acc2 = *acc2 + gd * VecD<W>::from(d);
 }
 
 // Twin of plain_sums_plane_f32 (no pool): s1 += g, s2 += g * (v - shift), v = x or out.
@@ -345,6 +317,40 @@ SCALEINV_INLINE void plain_sums_plane_vec(const float* v, const float* go, const
   *s2 += acc2.hsum();
 }
 
+// Twin of pool_sums_plane_f32: s1 += g, s2 += g * (v - shift) over one plane's windows, v
+// the window's output (from_out) or x at the argmax.
+template <int W>
+SCALEINV_INLINE void pool_sums_plane_vec(const float* x, const float* go, const float* o,
+                                         const uint8_t* k, int64_t Wd, int64_t Ho,
+                                         int64_t Wo, float shift, bool from_out, bool relu,
+                                         double* s1, double* s2) {
+  // v = out: grad_out and out of the windows are contiguous, no window geometry needed
+  if (from_out) return plain_sums_plane_vec<W>(o, go, o, Ho * Wo, shift, relu, s1, s2);
+  VecD<W> acc1 = VecD<W>::zero(), acc2 = VecD<W>::zero();
+  const VecF<W> vm = VecF<W>::broadcast(shift);
+  const CornerIds<W> ids;
+  const VecI<W> tail = row_tail_lanes<W>(Wo);
+  const float* xend = x + 2 * Ho * Wd;
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    const float* r0 = x + 2 * oh * Wd;
+    for (int64_t ow = 0; ow < Wo; ow += W) {
+      const int rem = static_cast<int>(std::min<int64_t>(W, Wo - ow));
+      const int64_t j = oh * Wo + ow;
+      VecF<W> g;
+      VecI<W> kk;
+      routed_vec<W>(go + j, o + j, k + j, rem, Ho * Wo - j, relu, tail, &g, &kk);
+      VecF<W> c[4];
+      window_corners_vec<W>(r0 + 2 * ow, r0 + Wd + 2 * ow, rem, xend, c);
+      VecF<W> d = corner_at_vec<W>(c, kk, ids) - vm;
+      // lanes past the windows: g = 0, and d = 0 so that 0 * (a neighbour's inf) adds 0
+      if (rem < W) d = VecF<W>::select(tail, d, VecF<W>::zero());
+      accumulate_sums_vec<W>(g, d, &acc1, &acc2);
+    }
+  }
+  *s1 += acc1.hsum();
+  *s2 += acc2.hsum();
+}
+
 // Twin of pool_dx_plane_f32: dx = k0 + k2 * (x - mean) (training; 0 in eval) plus
 // scale * g at each window's argmax (+0 elsewhere, as the AVX-512 kernel adds).
 template <int W>
@@ -355,6 +361,8 @@ SCALEINV_INLINE void pool_dx_plane_vec(const float* x, float* dx, const float* g
   const VecF<W> vs = VecF<W>::broadcast(scale), vk0 = VecF<W>::broadcast(k0),
                 vk2 = VecF<W>::broadcast(k2), vm = VecF<W>::broadcast(mean),
                 z = VecF<W>::zero();
+  const CornerIds<W> ids;
+  const VecI<W> tail = row_tail_lanes<W>(Wo);
   auto base = [&](VecF<W> xv) { return training ? vk0 + vk2 * (xv - vm) : z; };
   auto base1 = [&](float xv) { return training ? k0 + k2 * (xv - mean) : 0.0f; };
   const float* xend = x + H * Wd;
@@ -369,10 +377,10 @@ SCALEINV_INLINE void pool_dx_plane_vec(const float* x, float* dx, const float* g
       const int64_t j = oh * Wo + ow;
       VecF<W> g;
       VecI<W> kk;
-      routed_vec<W>(go + j, o + j, k + j, rem, Ho * Wo - j, relu, &g, &kk);
+      routed_vec<W>(go + j, o + j, k + j, rem, Ho * Wo - j, relu, tail, &g, &kk);
       const VecF<W> sg = g * vs;
       VecF<W> c[4];  // scale * g at top-left, top-right, bottom-left, bottom-right
-      for (int q = 0; q < 4; ++q) c[q] = VecF<W>::select(eq(kk, VecI<W>::broadcast(q)), sg, z);
+      for (int q = 0; q < 4; ++q) c[q] = VecF<W>::select(eq(kk, ids.k[q]), sg, z);
       const int64_t col = 2 * ow;
       const int na = std::min(2 * rem, W), nb = std::max(0, 2 * rem - W);
       // A whole-vector store past the step's columns lands on the row's dropped last

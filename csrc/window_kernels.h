@@ -209,12 +209,23 @@ SCALEINV_INLINE void window_corners_vec(const float* r0, const float* r1, int re
   v[3] = odd(a1, b1);
 }
 
+// The corner indices 0..3 as vectors, built once per plane: GCC may lower a W-lane
+// constant in a helper compiled for the baseline target lane by lane, so the kernels
+// keep such constants out of their loops.
+template <int W>
+struct CornerIds {
+  VecI<W> k[4];
+  SCALEINV_INLINE CornerIds() {
+    for (int j = 0; j < 4; ++j) k[j] = VecI<W>::broadcast(j);
+  }
+};
+
 // v: the four window corners x; y = relu?(x * a + b) (unfused, like the scalar loop);
 // returns the max of y with torch's rule (the first max in row-major order, a NaN
 // replaces the running max) and its index 0..3.
 template <int W>
 SCALEINV_INLINE VecF<W> window_max_vec(VecF<W>* v, VecF<W> va, VecF<W> vb, bool relu,
-                                       VecI<W>* idx) {
+                                       const CornerIds<W>& ids, VecI<W>* idx) {
   const VecF<W> z = VecF<W>::zero();
   for (int j = 0; j < 4; ++j) {
     v[j] = v[j] * va + vb;
@@ -225,7 +236,7 @@ SCALEINV_INLINE VecF<W> window_max_vec(VecF<W>* v, VecF<W> va, VecF<W> vb, bool 
   for (int j = 1; j < 4; ++j) {
     const VecI<W> up = gt(v[j], best) | unord(v[j], v[j]);
     best = VecF<W>::select(up, v[j], best);
-    *idx = VecI<W>::select(up, VecI<W>::broadcast(j), *idx);
+    *idx = VecI<W>::select(up, ids.k[j], *idx);
   }
   return best;
 }
@@ -236,6 +247,7 @@ SCALEINV_INLINE void pool_plane_vec(const float* x, float* out, uint8_t* ind, in
                                     int64_t Ho, int64_t Wo, float alpha, float beta,
                                     bool relu) {
   const VecF<W> va = VecF<W>::broadcast(alpha), vb = VecF<W>::broadcast(beta);
+  const CornerIds<W> ids;
   const float* xend = x + 2 * Ho * Wd;  // the rows the windows read
   const float* oend = out + Ho * Wo;
   const uint8_t* kend = ind + Ho * Wo;
@@ -246,7 +258,7 @@ SCALEINV_INLINE void pool_plane_vec(const float* x, float* out, uint8_t* ind, in
       VecF<W> v[4];
       window_corners_vec<W>(r0 + 2 * ow, r0 + Wd + 2 * ow, rem, xend, v);
       VecI<W> idx;
-      const VecF<W> best = window_max_vec<W>(v, va, vb, relu, &idx);
+      const VecF<W> best = window_max_vec<W>(v, va, vb, relu, ids, &idx);
       float* o = out + oh * Wo + ow;
       uint8_t* k = ind + oh * Wo + ow;
       store_in<W>(best, o, rem, oend);
@@ -264,7 +276,8 @@ SCALEINV_INLINE T relu_keep_nan(T v) {
 }
 
 // y = relu?(x * alpha + beta), then 2x2 max pool with torch's tie/NaN rule (first max in
-// row-major window order wins; a NaN replaces the running max), over one plane.
+// row-major window order wins; a NaN replaces the running max), over one plane: the
+// float64 path, and the per-element definition the float32 kernels above reproduce.
 template <typename T, bool RELU>
 SCALEINV_INLINE void plane_pool(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ ind,
                           const Geo& g, T alpha, T beta) {
