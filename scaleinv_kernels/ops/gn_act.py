@@ -31,7 +31,7 @@ Contract (same for every backend)::
   ``grad_weight = Σ g·x̂``, ``grad_bias = Σ g`` over (N, H, W) per channel (only where
   ``output_mask[1]``/``[2]``, else None). ``grad_x`` is always computed.
 
-Backends: C++ on CPU (``csrc/norm_act.cpp``, autograd in ``csrc/norm_act_autograd.cpp``);
+Backends: C++ on CPU (``csrc/gn_act.cpp``, autograd in ``csrc/norm_act_autograd.cpp``);
 on CUDA the Triton kernels ``bn_act_pool`` runs too (:func:`gn_act_pool_triton`): the
 statistics kernel over the ``[1, N·G, C/G·H·W]`` view (one "channel" per sample and
 group), the eval-mode forward and the backward kernels over the ``[1, N·C, H, W]`` view

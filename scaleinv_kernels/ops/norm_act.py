@@ -60,7 +60,7 @@ float32/float64 are refused here; the ensemble runs torch's unfused layers for t
 
 Autograd is registered on ``bn_act_pool`` in C++ (``csrc/norm_act_autograd.cpp``, every
 device; ``save_mean``, ``save_invstd`` and ``index`` are not differentiable). Backends:
-C++ (``csrc/norm_act.cpp``) on CPU, Triton (below) on CUDA. :func:`bn_act_pool_reference`
+C++ (``csrc/bn_act.cpp``) on CPU, Triton (below) on CUDA. :func:`bn_act_pool_reference`
 is the same layer in plain torch (``F.batch_norm`` → ``relu`` → ``F.max_pool2d``) and
 :func:`bn_act_pool` the layer the ensemble calls (it also updates the running statistics).
 
@@ -197,7 +197,7 @@ def bn_act_pool_backward_torch(grad_out: Tensor, x: Tensor, weight: Tensor | Non
 # ----------------------------------------------------------------------------------
 
 # Largest x̂ error, in units of 2⁻²⁴, for which the backward sums take x̂ from out
-# (the C++ kernels use the same bound: kOutCond in csrc/norm_act.cpp).
+# (the C++ kernels use the same bound: kOutCond in csrc/bn_act.cpp).
 OUT_COND = 8.0
 
 
