@@ -90,12 +90,11 @@ members share its process).
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from scaleinv_kernels.data import load_dataset
 from scaleinv_kernels.ensemble import Ensemble, EnsembleTrainer
@@ -125,8 +124,9 @@ from scaleinv_kernels.experiments.common import (
     save_figure,
     set_rng_state,
 )
+from scaleinv_kernels.experiments.training import normalized_mlp
 from scaleinv_kernels.optim import FusedSGDWD
-from scaleinv_kernels.scale_invariance import freeze_last_layer, normalized_cnn
+from scaleinv_kernels.scale_invariance import normalized_cnn
 
 NAME = "fig4-equilibrium"
 USES_DATA = True
@@ -162,19 +162,6 @@ PRESETS = {
                  checkpoint_every=5, train_subset=None, chunk_size=100,
                  init="independent", bn_points=None, **_STATS),
 }
-
-
-def normalized_mlp(d_in: int = 784, hidden: int = 128, num_classes: int = 10) -> nn.Module:
-    """Two hidden BN layers, scale-invariant in both trainable weights (last layer fixed)."""
-    model = nn.Sequential(OrderedDict(
-        flatten=nn.Flatten(),
-        fc1=nn.Linear(d_in, hidden, bias=False), bn1=nn.BatchNorm1d(hidden, affine=False),
-        relu1=nn.ReLU(),
-        fc2=nn.Linear(hidden, hidden, bias=False), bn2=nn.BatchNorm1d(hidden, affine=False),
-        relu2=nn.ReLU(),
-        out=nn.Linear(hidden, num_classes)))
-    freeze_last_layer(model)
-    return model
 
 
 def schedule_tensors(config: dict, device: torch.device):

@@ -64,7 +64,8 @@ from scaleinv_kernels.ensemble.hypothesis import (
     permutation_test,
 )
 from scaleinv_kernels.experiments.common import RunContext, figure, save_figure
-from scaleinv_kernels.experiments.fig4_equilibrium import normalized_mlp, recalibrated_predict
+from scaleinv_kernels.experiments.fig4_equilibrium import recalibrated_predict
+from scaleinv_kernels.experiments.training import normalized_mlp
 from scaleinv_kernels.optim import FusedSGDWD
 
 NAME = "mixing-time"

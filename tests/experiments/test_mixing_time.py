@@ -12,7 +12,7 @@ import torch
 from scaleinv_kernels.ensemble import Ensemble, EnsembleTrainer
 from scaleinv_kernels.ensemble.hypothesis import holm
 from scaleinv_kernels.experiments import mixing_time as mix
-from scaleinv_kernels.experiments.fig4_equilibrium import normalized_mlp
+from scaleinv_kernels.experiments.training import normalized_mlp
 from scaleinv_kernels.optim import FusedSGDWD
 from tests.helpers import assert_bitwise, run_experiment
 
