@@ -1,5 +1,5 @@
 """fig4-equilibrium under torchrun (gloo, 2 and 3 CPU processes) equals one process, bit
-for bit, including the checkpoints and a resume at another world size (2 → 1 → 3).
+for bit, including the checkpoints and resumes at other world sizes (2 → 1, 1 → 3).
 
 The runs go through a small launcher (written to tmp_path) that wraps the CLI and keeps a
 copy of every checkpoint as ``checkpoint.<epoch>.pt`` (the CLI deletes the live one when a
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from scaleinv_kernels.experiments import cli, common
+from scaleinv_kernels.experiments import fig4_equilibrium as fig4
 
 EXP = "fig4-equilibrium"
 ARGS = [EXP, "--preset", "smoke", "--no-progress", "--threads", "1"]
@@ -95,30 +96,36 @@ def test_fig4_torchrun_equals_one_process_and_resumes_at_any_world_size(tmp_path
     assert cli.main([*ARGS, "--out", str(single)]) == 0
     want = _result(single)
 
+    # the smoke preset's checkpoint epochs (the last epoch finishes the run instead)
+    smoke = fig4.PRESETS["smoke"]
+    saved = list(range(smoke["checkpoint_every"], smoke["epochs"], smoke["checkpoint_every"]))
+    assert saved and want["eval_epochs"] == list(
+        range(smoke["eval_every"], smoke["epochs"] + 1, smoke["eval_every"]))
+
     # two processes: same result.json, same (full, every member) checkpoints
     two = tmp_path / "two"
     _torchrun(tmp_path, 2, two)
     assert _result(two) == want
     assert not (two / EXP / "checkpoint.pt").exists()  # finished runs leave none
-    for epoch in (2, 4):
+    for epoch in saved:
         a, b = (_load(d / EXP / f"checkpoint.{epoch}.pt") for d in (two, single))
         # the global torch RNG (unused by fig4, saved for resumes) starts from torch's
         # default in a fresh process but from pytest's leftover state here
         del a["state"]["rng"], b["state"]["rng"]
         _assert_same_tree(a, b)
-    assert len(want["eval_epochs"]) == 3  # smoke: evaluations at 2, 4, 6
 
-    # resume 2 → 1: one process continues the 2-process checkpoint of epoch 2
+    # resume 2 → 1: one process continues the 2-process checkpoint of the first epoch saved
     one = tmp_path / "one"
     (one / EXP).mkdir(parents=True)
-    shutil.copy(two / EXP / "checkpoint.2.pt", one / EXP / "checkpoint.pt")
+    shutil.copy(two / EXP / f"checkpoint.{saved[0]}.pt", one / EXP / "checkpoint.pt")
     assert cli.main([*ARGS, "--out", str(one), "--resume"]) == 0
     assert _result(one) == want
 
-    # resume 1 → 3: three processes (blocks 8/8/8 of 24) continue its epoch-4 checkpoint
+    # resume 1 → 3: three processes (contiguous blocks of the members) continue the
+    # one-process checkpoint of the last epoch saved
     three = tmp_path / "three"
     (three / EXP).mkdir(parents=True)
-    shutil.copy(one / EXP / "checkpoint.4.pt", three / EXP / "checkpoint.pt")
+    shutil.copy(single / EXP / f"checkpoint.{saved[-1]}.pt", three / EXP / "checkpoint.pt")
     _torchrun(tmp_path, 3, three, "--resume")
     assert _result(three) == want
 
