@@ -9,12 +9,21 @@
 #
 # Everything lives under .matrix/NAME (ignored by git); a second run reuses the venv when
 # its pins are unchanged and rebuilds the copy.
+#
+# Disk: torch from PyPI is the CUDA build, so a leg's venv takes 5-6 GB (nvidia-* 3.2 GB,
+# torch 1.2 GB, triton 0.9 GB); there is no CPU wheel index to pin instead. pip keeps no
+# cache of those wheels here, and LEG_DROP_VENV=1 (set by .ci/run) removes .matrix/NAME when
+# the leg ends, so a machine holds one leg's torch at a time.
 set -euo pipefail
 name=$1; python=$2; pins=$3; shift 3
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=$root/.matrix/$name
 venv=$dir/venv
 src=$dir/src
+export PIP_NO_CACHE_DIR=1
+if [ "${LEG_DROP_VENV:-0}" = 1 ]; then
+  trap 'rm -rf "$dir"' EXIT
+fi
 mkdir -p "$dir"
 if ! "$python" -c "" 2>/dev/null; then  # e.g. a pyenv shim without that version selected
   ver=${python#python}
