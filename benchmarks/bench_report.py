@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,12 +57,20 @@ class ReportError(ValueError):
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    """The CPU's model name: ``/proc/cpuinfo``, else ``lscpu`` (e.g. on aarch64, whose
+    cpuinfo has no model name), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or platform.machine()
 

@@ -21,10 +21,8 @@ runs in its own process (whatever the environment selects) and writes one run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from bench_report import cpu_model, machine  # benchmarks/ is on sys.path
 
 #: --isa name -> (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA). oneDNN's lowest x86 level is
 #: SSE41: "default" keeps oneDNN's vector kernels at the baseline of the portable build.
@@ -47,24 +45,6 @@ _CHILD_JSON = "--isa-child-json"
 _COMMAND_ENV = "SCALEINV_BENCH_COMMAND"
 
 Table = dict[str, Any]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo, else lscpu, else platform)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:
@@ -86,13 +66,6 @@ def available(isa: str) -> bool:
     if isa == "avx2":
         return {"avx2", "fma"} <= flags
     return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-
-
-def machine() -> dict[str, Any]:
-    """The machine entry of this process's run."""
-    return {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def command() -> str:
