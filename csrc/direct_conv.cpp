@@ -4,8 +4,12 @@
 // Why it exists: the first convolution of an ensemble of M CNNs is a grouped convolution
 // with groups = M and one (grey) or three (RGB) input channels per group. oneDNN's grouped
 // kernels are slow there (forward + weight gradient took about twice as long as a loop of
-// per-member convolutions plus the stacking copy). With so few input channels the convolution does ~9 FLOP per output
-// element and is bound by writing the output (forward) and reading grad_out (backward).
+// per-member convolutions plus the stacking copy). With so few input channels the
+// convolution does ~9 FLOP per output element and is bound by writing the output
+// (forward) and reading grad_out (backward).
+//
+// Why one file of ~600 lines: forward, input gradient and weight gradient are three
+// readings of the same padded-plane geometry (below) and share its buffers and checks.
 //
 // Algorithm ("flat rows"): each input plane is copied once into a zero-padded buffer
 // [Hp, Wp] (+ KW elements of tail). Output row oh, column ow, computed at the padded width
