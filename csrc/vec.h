@@ -143,7 +143,9 @@ struct VecF {
   }
   static SCALEINV_INLINE VecF broadcast(float s) {
     VecF r;
-    r.v = V{} + s;
+    // s - 0 is s for every s, -0.0 included (0 + s would turn -0.0 into +0.0 and break
+    // the bitwise match with the scalar reference where a result is a signed zero)
+    r.v = s - V{};
     return r;
   }
   static SCALEINV_INLINE VecF zero() { return VecF{V{}}; }

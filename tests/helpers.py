@@ -6,11 +6,14 @@ import torch
 
 
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Bitwise equality (NaN == NaN); on failure say where the first mismatch is."""
+    """Bitwise equality, the sign of zero included (any NaN equals any NaN: payloads are
+    not part of the contract); on failure say where the first mismatch is."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     a, e = actual.detach().reshape(-1), expected.detach().reshape(-1)
-    same = (a == e) | (a.isnan() & e.isnan())
+    same = a == e
+    if a.is_floating_point():
+        same = (same & (a.signbit() == e.signbit())) | (a.isnan() & e.isnan())
     if not bool(same.all()):
         idx = int((~same).nonzero()[0])
         raise AssertionError(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from scaleinv_kernels.ops import norm_act as na
 from scaleinv_kernels.ops import norm_common as nc
-from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference
+from scaleinv_kernels.ops.norm_act import bn_act_pool, bn_act_pool_reference, bn_act_pool_torch
 from tests.devices import TRITON_DEVICE
 from tests.helpers import assert_bitwise, assert_close, spy_wrap_triton
 
@@ -181,6 +181,25 @@ def test_nan_propagates_like_torch():
     assert_bitwise(out.isnan(), ref.isnan(), "NaN positions")
     assert_close(out.nan_to_num(), ref.nan_to_num(), "out")
     assert_bitwise(index, _local_index(flat, 6), "index with NaNs")
+
+
+@pytest.mark.parametrize("pool,relu", [(2, True), (2, False), (0, True), (0, False)], ids=str)
+def test_signed_zeros_like_the_contract(pool, relu):
+    """Zeros keep their sign as in the op's contract: with mean 0 and bias -0.0, x = -0.0
+    gives -0.0 * alpha + (-0.0) = -0.0 (a kernel that broadcast the bias as 0 + b made it
+    +0.0). Random values beside the zeros keep every kernel route busy."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 6, 10, generator=gen)
+    x[torch.rand(x.shape, generator=gen) < 0.5] = -0.0
+    x[:, 0] = -0.0  # whole windows of -0.0 (bias -0.0)
+    w = torch.rand(4, generator=gen) + 0.5
+    b = torch.tensor([-0.0, 0.0, -0.0, 0.5])
+    mean, invstd = torch.zeros(4), torch.rand(4, generator=gen) + 0.5
+    out, _, _, _ = torch.ops.scaleinv.bn_act_pool(x, w, b, mean, invstd, EPS, relu, pool)
+    ref, _, _, _ = bn_act_pool_torch(x, w, b, mean, invstd, EPS, relu, pool)
+    if not relu:
+        assert bool(ref.signbit()[:, 0].all()), "the case has windows of negative zeros"
+    assert_bitwise(out, ref, "signed zeros")
 
 
 def test_noncontiguous_input():
