@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -204,6 +205,37 @@ def test_matches_reference(backend, dtype, hp_index):
             assert_bitwise(b[i], rb[i], f"{backend} buffer {i} {SHAPES[i]}")
     assert_stats_close(s, rs, _stats_tolerance(dtype), f"{backend} stats")
     assert torch.count_nonzero(s[len(SHAPES):]) == 0, "rows beyond the last segment written"
+
+
+def _signed_zeros(tensors):
+    """Every other element a zero with the sign of the random value it replaces, so params,
+    grads and buffers (drawn independently) meet zeros of both signs in every pairing."""
+    out = []
+    for t in tensors:
+        t = t.clone()
+        flat = t.view(-1)
+        flat[::2] = flat[::2].sign() * 0.0
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hp_index", range(len(HPARAMS)))
+def test_signed_zeros_match_reference(backend, dtype, hp_index):
+    """The sign of a zero result is part of the bitwise promise (e.g. -0.0 - lr·(+0.0))."""
+    hp = HPARAMS[hp_index]
+    shapes = [s for s in SHAPES if math.prod(s) < 10_000] + [(4099,)]  # several blocks
+    fresh = [i % 2 == 1 for i in range(len(shapes))]
+    (p, b, _), (rp, rb, _) = _run_both(backend, shapes, dtype, hp, fresh=fresh,
+                                       seed=10 + hp_index, transform=_signed_zeros)
+    zeros = torch.cat([t.reshape(-1)[t.reshape(-1) == 0].float().cpu() for t in rp])
+    assert bool(zeros.signbit().any()) and not bool(zeros.signbit().all()), \
+        "the results have zeros of both signs"
+    for i in range(len(shapes)):
+        assert_bitwise(p[i], rp[i], f"{backend} param {i} {shapes[i]}")
+        if hp["momentum"]:
+            assert_bitwise(b[i], rb[i], f"{backend} buffer {i} {shapes[i]}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -72,6 +72,25 @@ def test_fp32_bitwise_equal_to_torch_sgd_many_steps():
     assert ours_p[-1].stride() == (1, 13), "non-contiguous param must stay the user's tensor"
 
 
+def test_fp32_signed_zeros_like_torch_sgd():
+    """Every pairing of ±0.0 and ±1.0 in param and grad, through every group's
+    hyper-parameters, for three steps: the sign of each zero as torch.optim.SGD has it."""
+    vals = torch.tensor([-0.0, 0.0, 1.0, -1.0])
+    p0, g0 = vals.repeat_interleave(4), vals.repeat(4)
+    ours_p = [torch.nn.Parameter(p0.clone()) for _ in range(9)]
+    torch_p = _clone(ours_p)
+    ours = FusedSGDWD(_groups(ours_p), **HP)
+    ref = torch.optim.SGD(_groups(torch_p), foreach=False, **HP)
+    for _ in range(3):
+        for a, b in zip(ours_p, torch_p):
+            a.grad, b.grad = g0.clone(), g0.clone()
+        ours.step()
+        ref.step()
+    assert any(bool((b == 0).logical_and(b.signbit()).any()) for b in torch_p)
+    for i, (a, b) in enumerate(zip(ours_p, torch_p)):
+        assert_bitwise(a, b, f"param {i}")
+
+
 def test_fp64_bitwise_and_tensor_lr():
     ours_p = _params(torch.float64)
     torch_p = _clone(ours_p)
