@@ -44,6 +44,10 @@ epoch), batch 32, the BatchNorm MLP of fig4-equilibrium with 64 hidden units, pl
 "independent"), pre-phase 125 steps, horizon 2/λe steps (2000 steps at λe = 1e-3),
 grid λe·t ∈ {0, 1/8, 1/4, 3/8, 1/2, 3/4, 1, 3/2, 2}, R = 1000 re-splits, B = 500 bootstrap
 replicates, BatchNorm statistics from 1024 training images.
+
+Resumable (``--resume``): a checkpoint after every evaluation holds the finished λe's
+records and, for the λe in progress, the members, the optimizer, the position in the data
+order and the record so far; a resumed run's result equals an uninterrupted one's.
 """
 
 from __future__ import annotations
@@ -121,6 +125,14 @@ class StepTrainer:
             t.optimizer.step()
             self.steps += 1
 
+    def state_dict(self) -> dict:
+        """The position in the members' data order (the trainer saves the rest)."""
+        return {"epoch": self.epoch, "pos": self.pos, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self.steps = state["epoch"], state["pos"], state["steps"]
+        self.perm = self.trainer.permutations(self.epoch)
+
 
 def mixing_index(p_holm: list[float], alpha: float = ALPHA) -> int | None:
     """The first evaluation from which on every corrected p is ≥ alpha (None if the last
@@ -185,9 +197,15 @@ def run(ctx: RunContext) -> dict:
     names = list(c["histories"])
     m = c["members"]
     margin = equivalence_margin(c["accuracy_gap"], num_classes)
-    per_lambda: dict[str, dict] = {}
+    # resumable at every evaluation: the finished λe's records, and for the λe in progress
+    # its trainer (members, optimizer), the step position and the record so far
+    state = ctx.restore()
+    per_lambda: dict[str, dict] = dict(state["per_lambda"]) if state else {}
+    current = state["current"] if state else None
     bar = ctx.progress_bar(c["lambdas"], desc=NAME, unit="λe")
     for j, lam in enumerate(bar):
+        if f"{lam:g}" in per_lambda:
+            continue
         ens = Ensemble(lambda: normalized_mlp(d_in, c["hidden"], num_classes),
                        len(names) * m, init=c["init"], seed=ctx.seed).to(ctx.device)
         named = [(n, p) for n, p in ens.named_parameters() if p.requires_grad]
@@ -195,19 +213,25 @@ def run(ctx: RunContext) -> dict:
         trainer = EnsembleTrainer(ens, opt, (X, Y), c["batch_size"], seed=ctx.seed,
                                   progress=False)
         stepper = StepTrainer(trainer)
-        pre_lr = torch.tensor([c["histories"][n][0] for n in names],
-                              dtype=torch.float64).repeat_interleave(m)
-        pre_wd = torch.tensor([c["histories"][n][1] for n in names],
-                              dtype=torch.float64).repeat_interleave(m)
-        trainer.set_hparams(pre_lr, pre_wd)
-        stepper.step(c["pre_steps"])
-        trainer.set_hparams(lam / c["wd"], c["wd"])
         targets = [round(g / lam) for g in grid]
-        rec = {"lambda_e": lam, "lr": lam / c["wd"], "wd": c["wd"], "steps": [],
-               "grid": grid, "p": [], "l1": [], "null_mean_l1": [], "d2": [], "d2_low": [],
-               "d2_high": [], "test_accuracy": {n: [] for n in names}}
-        done = 0
-        for i, t in enumerate(targets):
+        if current is not None and current["j"] == j:
+            trainer.load_state_dict(current["trainer"])
+            stepper.load_state_dict(current["stepper"])
+            rec, done, first = current["rec"], current["done"], current["i"]
+        else:
+            pre_lr = torch.tensor([c["histories"][n][0] for n in names],
+                                  dtype=torch.float64).repeat_interleave(m)
+            pre_wd = torch.tensor([c["histories"][n][1] for n in names],
+                                  dtype=torch.float64).repeat_interleave(m)
+            trainer.set_hparams(pre_lr, pre_wd)
+            stepper.step(c["pre_steps"])
+            rec = {"lambda_e": lam, "lr": lam / c["wd"], "wd": c["wd"], "steps": [],
+                   "grid": grid, "p": [], "l1": [], "null_mean_l1": [], "d2": [],
+                   "d2_low": [], "d2_high": [], "test_accuracy": {n: [] for n in names}}
+            done, first = 0, 0
+        trainer.set_hparams(lam / c["wd"], c["wd"])
+        for i in range(first, len(targets)):
+            t = targets[i]
             stepper.step(t - done)
             done = t
             preds = recalibrated_predict(ens, X_bn, Xt, batch_size=c["batch_size"])
@@ -226,8 +250,14 @@ def run(ctx: RunContext) -> dict:
             rec["d2_high"].append(bs.high)
             for n, part in zip(names, (a, b)):
                 rec["test_accuracy"][n].append(float((part == Yt.cpu()).double().mean()))
+            if i + 1 < len(targets):
+                ctx.checkpoint({"per_lambda": per_lambda, "current": {
+                    "j": j, "i": i + 1, "done": done, "rec": rec,
+                    "trainer": trainer.state_dict(), "stepper": stepper.state_dict()}})
         rec["p_holm"] = holm(rec["p"]).tolist()
         per_lambda[f"{lam:g}"] = rec
+        current = None
+        ctx.checkpoint({"per_lambda": per_lambda, "current": None})
     summary = summarize(per_lambda, grid)
     for key, entry in summary["per_lambda"].items():
         per_lambda[key].update(entry)

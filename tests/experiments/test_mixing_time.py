@@ -3,6 +3,7 @@ training against EnsembleTrainer's epochs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -16,9 +17,16 @@ from scaleinv_kernels.experiments.training import normalized_mlp
 from scaleinv_kernels.optim import FusedSGDWD
 from tests.helpers import assert_bitwise, run_experiment
 
+SMOKE = ("mixing-time", "--preset", "smoke", "--threads", "1")
 
-def test_mixing_time_smoke(tmp_path):
-    r = run_experiment(tmp_path, "mixing-time", "--preset", "smoke", "--threads", "1")
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return run_experiment(tmp_path_factory.mktemp("mixing"), *SMOKE)
+
+
+def test_mixing_time_smoke(smoke):
+    r = smoke
     c = r["config"]
     assert set(r["lambdas"]) == {f"{lam:g}" for lam in c["lambdas"]}
     for rec in r["lambdas"].values():
@@ -43,6 +51,38 @@ def test_mixing_time_smoke(tmp_path):
         assert rec["test_accuracy"]["hot"][0] == r["lambdas"][f"{c['lambdas'][0]:g}"][
             "test_accuracy"]["hot"][0]
     assert not (r["claim_falsified"] and r["claim_supported"])
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, smoke):
+    """A run that dies in the second λe's second evaluation leaves a checkpoint; --resume
+    continues from it and ends with exactly the uninterrupted run's result."""
+    from scaleinv_kernels.experiments import cli
+
+    evals = len(smoke["config"]["grid"])
+    real, calls = mix.permutation_test, []
+
+    def dies_in_the_second_lambda(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == evals + 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mix, "permutation_test", dies_in_the_second_lambda)
+    argv = [*SMOKE, "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.main(argv)
+    ckpt = tmp_path / "mixing-time" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)["state"]
+    assert list(state["per_lambda"]) == [f"{smoke['config']['lambdas'][0]:g}"]
+    assert (state["current"]["j"], state["current"]["i"]) == (1, 1)
+    monkeypatch.setattr(mix, "permutation_test", real)
+    assert cli.main([*argv, "--resume"]) == 0
+    assert not ckpt.exists()
+    resumed = json.loads((tmp_path / "mixing-time" / "result.json").read_text())
+    expected = dict(smoke)
+    for r in (resumed, expected):
+        r.pop("runtime_s")
+    assert resumed == expected  # every p-value, D² and accuracy exactly equal
 
 
 def test_mixing_index():
