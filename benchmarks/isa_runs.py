@@ -76,7 +76,7 @@ def command() -> str:
 def header(title: str) -> str:
     m = machine()
     return (f"# {title}\n\n- CPU: {m['cpu']}; ATen CPU capability in use: {m['isa']}; "
-            f"torch {m['torch']}; {m['threads']} threads; {m['date']} UTC\n"
+            f"torch {m['torch']}; {m['threads']} threads; {m['date']}\n"
             f"- command: `{command()}`\n")
 
 
