@@ -88,15 +88,19 @@ class Step:
 
 
 def routed_apart(step: Step) -> int:
-    """Pooled windows with a nonzero output whose argmax differs between the fused op and
-    the two-op path (the raw ops' local indices, same inputs as the timed steps)."""
+    """Pooled windows whose gradient the fused op and the two-op path route differently
+    (the raw ops' local indices and outputs, same inputs as the timed steps)."""
     with torch.no_grad():
         out_f, _, _, idx_f, _ = torch.ops.scaleinv.conv_bn_act_pool(
             step.x, step.w, step.m, [1, 1], None, None, None, None, EPS, True)
         y = direct_conv2d(step.x, step.w, None, step.m, (1, 1))
         out_t, _, _, idx_t = torch.ops.scaleinv.bn_act_pool(y, None, None, None, None, EPS,
                                                             True, 2)
-    return int(((idx_f != idx_t) & ((out_f > 0) | (out_t > 0))).sum())
+    # another argmax where the window's output is positive, or one path's output positive
+    # and the other's zero (a pre-activation at ReLU's kink: the same index, but one path
+    # passes the gradient and the other drops it)
+    pos_f, pos_t = out_f > 0, out_t > 0
+    return int((((idx_f != idx_t) & (pos_f | pos_t)) | (pos_f != pos_t)).sum())
 
 
 def main(argv: list[str] | None = None) -> int:

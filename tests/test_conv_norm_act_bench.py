@@ -8,10 +8,16 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+from scaleinv_kernels._extension import extension_loaded
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_quick_run_writes_the_table(tmp_path, one_thread):
+    if not extension_loaded():  # the benchmark refuses to time the torch reference
+        pytest.skip("needs the C++ extension (make test and CI build it)")
     if str(BENCH_DIR) not in sys.path:
         sys.path.insert(0, str(BENCH_DIR))
     bench = importlib.import_module("conv_norm_act_bench")
@@ -27,7 +33,7 @@ def test_quick_run_writes_the_table(tmp_path, one_thread):
     (table,) = json.loads(out.read_text())["runs"][0]["tables"]
     (row,) = table["rows"]
     cols = dict(zip(table["columns"], row))
-    assert cols["windows routed apart"] >= 0 and cols["fused ms"] > 0
+    assert isinstance(cols["windows routed apart"], int) and cols["fused ms"] > 0
     if cols["windows routed apart"] == 0:
         # both float32 routes agree: what is left is rounding of sums over 64·28·28 terms
         assert cols["rel. err grad w vs two ops"] < 1e-5
