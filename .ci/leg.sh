@@ -11,7 +11,8 @@
 # its pins are unchanged and rebuilds the copy.
 #
 # Disk: torch from PyPI is the CUDA build, so a leg's venv takes 5-6 GB (nvidia-* 3.2 GB,
-# torch 1.2 GB, triton 0.9 GB); there is no CPU wheel index to pin instead. pip keeps no
+# torch 1.2 GB, triton 0.9 GB); no CPU wheel index is reachable for these versions (the
+# default leg's 2.13.0+cpu comes from the machine's local wheels). pip keeps no
 # cache of those wheels here, and LEG_DROP_VENV=1 (set by .ci/run) removes .matrix/NAME when
 # the leg ends, so a machine holds one leg's torch at a time.
 set -euo pipefail
