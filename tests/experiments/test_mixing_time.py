@@ -53,28 +53,41 @@ def test_mixing_time_smoke(smoke):
     assert not (r["claim_falsified"] and r["claim_supported"])
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, smoke):
-    """A run that dies in the second λe's second evaluation leaves a checkpoint; --resume
-    continues from it and ends with exactly the uninterrupted run's result."""
+@pytest.mark.parametrize("crash", ["second_lambda_second_eval", "second_lambda_first_eval",
+                                   "first_lambda_last_eval"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, smoke,
+                                                          crash):
+    """A run that dies mid-λe, right after a λe finished, or in a λe's last evaluation
+    leaves a checkpoint; --resume continues from it and ends with exactly the uninterrupted
+    run's result."""
     from scaleinv_kernels.experiments import cli
 
     evals = len(smoke["config"]["grid"])
+    dies_at = {"second_lambda_second_eval": evals + 2, "second_lambda_first_eval": evals + 1,
+               "first_lambda_last_eval": evals}[crash]
     real, calls = mix.permutation_test, []
 
-    def dies_in_the_second_lambda(*args, **kwargs):
+    def dies(*args, **kwargs):
         calls.append(1)
-        if len(calls) == evals + 2:
+        if len(calls) == dies_at:
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mix, "permutation_test", dies_in_the_second_lambda)
+    monkeypatch.setattr(mix, "permutation_test", dies)
     argv = [*SMOKE, "--out", str(tmp_path), "--no-progress"]
     with pytest.raises(RuntimeError, match="killed"):
         cli.main(argv)
     ckpt = tmp_path / "mixing-time" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False)["state"]
-    assert list(state["per_lambda"]) == [f"{smoke['config']['lambdas'][0]:g}"]
-    assert (state["current"]["j"], state["current"]["i"]) == (1, 1)
+    first = f"{smoke['config']['lambdas'][0]:g}"
+    if crash == "first_lambda_last_eval":
+        assert list(state["per_lambda"]) == [] and state["current"]["i"] == evals - 1
+    else:
+        assert list(state["per_lambda"]) == [first]
+        where = None if state["current"] is None else (state["current"]["j"],
+                                                       state["current"]["i"])
+        assert where == {"second_lambda_second_eval": (1, 1),
+                         "second_lambda_first_eval": None}[crash]
     monkeypatch.setattr(mix, "permutation_test", real)
     assert cli.main([*argv, "--resume"]) == 0
     assert not ckpt.exists()

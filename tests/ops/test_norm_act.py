@@ -202,6 +202,38 @@ def test_signed_zeros_like_the_contract(pool, relu):
     assert_bitwise(out, ref, "signed zeros")
 
 
+SIGNED_ZERO_SCRIPT = r"""
+import torch
+from scaleinv_kernels.ops.norm_act import bn_act_pool_torch
+gen = torch.Generator().manual_seed(3)
+x = torch.randn(3, 4, 6, 10, generator=gen)
+x[torch.rand(x.shape, generator=gen) < 0.5] = -0.0
+x[:, 0] = -0.0
+w, b = torch.rand(4, generator=gen) + 0.5, torch.tensor([-0.0, 0.0, -0.0, 0.5])
+mean, invstd = torch.zeros(4), torch.rand(4, generator=gen) + 0.5
+for pool in (0, 2):
+    for relu in (False, True):
+        out = torch.ops.scaleinv.bn_act_pool(x, w, b, mean, invstd, 1e-5, relu, pool)[0]
+        ref = bn_act_pool_torch(x, w, b, mean, invstd, 1e-5, relu, pool)[0]
+        bad = (out != ref) | (out.signbit() != ref.signbit())
+        assert not bool(bad.any()), f"pool={pool} relu={relu}: {int(bad.sum())} differ"
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("setting", ["SCALEINV_NO_AVX512=1", "ATEN_CPU_CAPABILITY=default"])
+def test_signed_zeros_in_other_builds(setting):
+    """The same signed-zero check in a fresh process on the portable kernels: the build an
+    AVX-512 machine otherwise never runs (SCALEINV_NO_AVX512=1), and the default-ISA build."""
+    key, value = setting.split("=")
+    run = subprocess.run([sys.executable, "-c", SIGNED_ZERO_SCRIPT],
+                         env={**os.environ, key: value}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    if key == "ATEN_CPU_CAPABILITY":
+        assert run.stdout.split()[-1] == "DEFAULT"
+
+
 def test_noncontiguous_input():
     x, w, b, rm, rv = _make((3, 4, 6, 5), True)
     kw = dict(training=True, momentum=MOMENTUM, eps=EPS)

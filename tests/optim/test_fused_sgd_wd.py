@@ -72,10 +72,11 @@ def test_fp32_bitwise_equal_to_torch_sgd_many_steps():
     assert ours_p[-1].stride() == (1, 13), "non-contiguous param must stay the user's tensor"
 
 
-def test_fp32_signed_zeros_like_torch_sgd():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_signed_zeros_like_torch_sgd(dtype):
     """Every pairing of ±0.0 and ±1.0 in param and grad, through every group's
     hyper-parameters, for three steps: the sign of each zero as torch.optim.SGD has it."""
-    vals = torch.tensor([-0.0, 0.0, 1.0, -1.0])
+    vals = torch.tensor([-0.0, 0.0, 1.0, -1.0], dtype=dtype)
     p0, g0 = vals.repeat_interleave(4), vals.repeat(4)
     ours_p = [torch.nn.Parameter(p0.clone()) for _ in range(9)]
     torch_p = _clone(ours_p)
