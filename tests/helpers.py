@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """A module of benchmarks/ (not a package: its scripts import each other as top-level
+    modules, so the folder goes on sys.path, as when a script runs)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
 
 
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:

@@ -3,21 +3,12 @@ GPU suite's CPU-side pieces), so that `make bench` and the GPU suite cannot rot.
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _bench_module(name: str):
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    return importlib.import_module(name)
+from tests.helpers import benchmark_module as _bench_module
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,18 @@ markdown with those inputs, so no expected number is written here.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("bench_report",
-                                                  ROOT / "benchmarks" / "bench_report.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_report", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-br = _load_module()
+br = benchmark_module("bench_report")
 
 
 def _doc(rng: random.Random, n_tables: int = 2, n_runs: int = 1) -> dict:
@@ -195,16 +185,9 @@ def test_machine_entry_follows_the_schema():
         "machine()")
 
 
-def _bench_module(name: str):
-    bench_dir = str(ROOT / "benchmarks")
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
-    return importlib.import_module(name)
-
-
 def test_sgd_wd_report_tables_follow_the_schema_and_carry_the_timings():
-    cases = _bench_module("sgd_wd_cases")
-    report = _bench_module("report")
+    cases = benchmark_module("sgd_wd_cases")
+    report = benchmark_module("report")
     rng = random.Random(8)
     case = cases.tiny_case()
     fake = {k: cases.Timing(k, [rng.uniform(1e-4, 1e-2) for _ in range(5)], 1)

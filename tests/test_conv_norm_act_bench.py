@@ -3,24 +3,19 @@ is explained by the rerouted-window count (rounding only where no window routes 
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from scaleinv_kernels._extension import extension_loaded
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.helpers import BENCH_DIR, benchmark_module
 
 
 def test_quick_run_writes_the_table(tmp_path, one_thread):
     if not extension_loaded():  # the benchmark refuses to time the torch reference
         pytest.skip("needs the C++ extension (make test and CI build it)")
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    bench = importlib.import_module("conv_norm_act_bench")
+    bench = benchmark_module("conv_norm_act_bench")
     out = tmp_path / "bench.json"
     argv = ["--cases", "m8", "--repeats", "1", "--min-time", "0", "--variants", "fused",
             "two ops", "--json", str(out)]

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.helpers import benchmark_module
 
 
 def _isa_runs():
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    return importlib.import_module("isa_runs")
+    return benchmark_module("isa_runs")
 
 
 def test_isa_list_is_parsed_and_checked():

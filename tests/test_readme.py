@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT = 12 * 1024  # bytes: the README is read in five minutes, details live in docs/
@@ -145,18 +147,8 @@ def test_mentioned_paths_and_modules_exist(doc: Path):
 # ----------------------------------------------------------------------------------
 
 
-def _bench_report():
-    spec = importlib.util.spec_from_file_location("bench_report",
-                                                  ROOT / "benchmarks" / "bench_report.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_report", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_report_and_readme_table_are_generated():
-    br = _bench_report()
+    br = benchmark_module("bench_report")
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
     assert files, "no benchmark results in benchmarks/results/"
     docs = [(f.name, br.load(f)) for f in files]
