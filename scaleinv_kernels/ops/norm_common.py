@@ -252,6 +252,9 @@ def torch_cuda_fallback(op: str, fn: Callable) -> Callable:
 
 MAX_BLOCK = 1024
 
+# Negation in the kernels is written x * -1.0, never -x: triton < 3.8 lowers unary minus
+# to 0.0 - x, which gives +0.0 for x = +0.0 where torch's neg gives -0.0.
+
 if triton_available():
     import triton
     import triton.language as tl
@@ -331,7 +334,7 @@ if triton_available():
         if HAS_B:
             beta = tl.load(b_ptr + c) - mean * alpha
         else:
-            beta = -mean * alpha
+            beta = (mean * -1.0) * alpha  # not -mean: see the note above stats_kernel
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < HWo
         xp = x_ptr + plane * HW
@@ -484,8 +487,9 @@ if triton_available():
             else:
                 s1 = tl.load(sums_ptr + c * 2)
                 s2 = tl.load(sums_ptr + c * 2 + 1)
-                k0 = (-scale.to(tl.float64) * s1 / count).to(tl.float32)
-                k2 = (-scale.to(tl.float64) * invstd.to(tl.float64) * s2 / count).to(tl.float32)
+                neg_scale = scale.to(tl.float64) * -1.0  # not -scale: see above stats_kernel
+                k0 = (neg_scale * s1 / count).to(tl.float32)
+                k2 = (neg_scale * invstd.to(tl.float64) * s2 / count).to(tl.float32)
             xv = tl.load(x_ptr + plane * HW + offs, mask=mask, other=0.0)
             dx = dx + k0 + k2 * (xv - mean)
         tl.store(dx_ptr + plane * HW + offs, dx, mask=mask)

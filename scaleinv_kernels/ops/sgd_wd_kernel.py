@@ -83,10 +83,10 @@ if triton_available():
         if PER_SEGMENT:
             # the segment's own (lr, wd), rounded fp64 -> fp32 to nearest like the scalars
             seg = tl.load(work_ptr + item + 4)
-            lr_scale = -tl.load(hparams_ptr + seg * 2).to(tl.float32)
+            lr_scale = tl.load(hparams_ptr + seg * 2).to(tl.float32) * -1.0
             weight_decay = tl.load(hparams_ptr + seg * 2 + 1).to(tl.float32)
         elif LR_FROM_TENSOR:
-            lr_scale = -tl.load(lr_ptr).to(tl.float32)
+            lr_scale = tl.load(lr_ptr).to(tl.float32) * -1.0
         else:
             lr_scale = neg_lr
         # fp64 statistics: with fp32 products the sin^2 term of the angular update,
@@ -103,7 +103,9 @@ if triton_available():
             w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if MAXIMIZE:
-                d = -g
+                # x * -1.0, not -x: triton < 3.8 lowers unary minus to 0.0 - x, which
+                # gives +0.0 for x = +0.0 where torch's neg gives -0.0 (bitwise contract)
+                d = g * -1.0
             else:
                 d = g
             if PER_SEGMENT:  # torch skips the add when wd == 0 (g + 0*w is not g for -0/inf)
