@@ -35,6 +35,7 @@ import sys
 import isa_runs
 import torch
 import torch.nn.functional as F
+from bench_report import render_table
 from sgd_wd_cases import Triad, interleaved  # (benchmarks/ is on sys.path)
 
 from scaleinv_kernels._extension import extension_loaded
@@ -161,7 +162,7 @@ def table(args: argparse.Namespace) -> isa_runs.Table:
                    "of its neighbour or of ReLU's kink). Each one moves grad w by about 1e-3 "
                    "of its largest value, so the error column is rounding only where this "
                    "count is 0; both routes are valid subgradients."}
-    print(isa_runs.markdown(out), flush=True)
+    print(render_table(out, level=2), flush=True)
     return out
 
 

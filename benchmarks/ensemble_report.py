@@ -27,6 +27,7 @@ import sys
 
 import isa_runs
 import torch
+from bench_report import render_table
 from ensemble_cases import (
     BATCH,
     BUILDERS,
@@ -109,7 +110,7 @@ def tables(args: argparse.Namespace) -> list[isa_runs.Table]:
                     f"ceiling {peak:.0f} GFLOP/s in the same run; one step of the ensemble "
                     f"vs the eager loop from the same weights differs by {drift:.1e}.",
         }
-        print(isa_runs.markdown(table), flush=True)
+        print(render_table(table, level=2), flush=True)
         out.append(table)
         del steps
     return out

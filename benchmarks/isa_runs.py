@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_report import cpu_model, machine  # benchmarks/ is on sys.path
+from bench_report import cpu_model, machine, write_results  # benchmarks/ is on sys.path
 
 #: --isa name -> (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA). oneDNN's lowest x86 level is
 #: SSE41: "default" keeps oneDNN's vector kernels at the baseline of the portable build.
@@ -78,19 +78,6 @@ def header(title: str) -> str:
     return (f"# {title}\n\n- CPU: {m['cpu']}; ATen CPU capability in use: {m['isa']}; "
             f"torch {m['torch']}; {m['threads']} threads; {m['date']}\n"
             f"- command: `{command()}`\n")
-
-
-def markdown(table: Table) -> str:
-    """A table as markdown (floats with 3 significant digits past the point as given)."""
-    def cell(v: Any) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    lines = [f"## {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
-             "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
-    if table.get("note"):
-        lines += ["", table["note"]]
-    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser, script: str) -> None:
@@ -160,9 +147,6 @@ def _without_isa(argv: list[str]) -> list[str]:
 
 
 def _write(path: str, title: str, runs: list[dict[str, Any]]) -> int:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"title": title, "command": command(), "runs": runs}, indent=1)
-                 + "\n")
-    print(f"(tables written to {p})")
+    write_results(Path(path), title, command(), runs)  # validated against the schema
+    print(f"(tables written to {path})")
     return 0

@@ -45,6 +45,7 @@ import sys
 import isa_runs
 import torch
 import torch.nn.functional as F
+from bench_report import render_table
 from sgd_wd_cases import Triad, interleaved  # (benchmarks/ is on sys.path)
 
 from scaleinv_kernels._extension import extension_loaded
@@ -191,7 +192,7 @@ def table(args: argparse.Namespace) -> isa_runs.Table:
            "note": f"medians of {args.repeats} interleaved repeats; fresh outputs: allocating "
                    "+ writing dx, out and index alone (page faults), included in both "
                    "variants' times."}
-    print(isa_runs.markdown(out), flush=True)
+    print(render_table(out, level=2), flush=True)
     return out
 
 
